@@ -1,0 +1,64 @@
+"""The captioning processor, built from a preset: shared by the job script and the benchmark.
+
+The notebook writes the same configuration out field by field, to teach it; a test checks that
+both build the same stages with the same settings.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import ray
+from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+from helpers.presets import Preset
+from helpers.rows import finalize, postprocess, preprocess
+
+
+def processor_config(
+    preset: Preset,
+    model: str,
+    *,
+    batch_size: int | None = None,
+    concurrency: int | None = None,
+    engine_kwargs: dict[str, Any] | None = None,
+) -> vLLMEngineProcessorConfig:
+    separate = preset.separate_tokenizer_stages
+    return vLLMEngineProcessorConfig(
+        model_source=model,
+        engine_kwargs={**preset.engine_kwargs, **(engine_kwargs or {})},
+        batch_size=batch_size or preset.batch_size,
+        concurrency=concurrency or preset.concurrency,
+        max_concurrent_batches=preset.max_concurrent_batches,
+        accelerator_type=preset.accelerator_type,
+        placement_group_config=preset.placement_group_config,
+        prepare_multimodal_stage={"enabled": True},
+        chat_template_stage={"enabled": True},
+        tokenize_stage={"enabled": separate},
+        detokenize_stage={"enabled": separate},
+        should_continue_on_error=True,
+        log_engine_metrics=False,
+    )
+
+
+def row_kwargs(preset: Preset, *, max_tokens: int | None = None) -> dict[str, Any]:
+    return {
+        "image_size": preset.image_size,
+        "temperature": preset.temperature,
+        "max_tokens": max_tokens or preset.max_tokens,
+    }
+
+
+def build_caption_processor(config: vLLMEngineProcessorConfig, *, model_name: str, **preprocess_kwargs: Any):
+    """build_processor with the project's row functions bound to their settings."""
+    return build_processor(
+        config,
+        preprocess=partial(preprocess, **preprocess_kwargs),
+        postprocess=partial(postprocess, model=model_name),
+    )
+
+
+def caption(ds: ray.data.Dataset, processor, *, model_name: str) -> ray.data.Dataset:
+    """Run the processor and give every row, engine rejections included, the output schema."""
+    return processor(ds).map(finalize, fn_kwargs={"model": model_name})

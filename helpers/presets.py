@@ -1,0 +1,127 @@
+"""The two presets of the tutorial and the job, in one table.
+
+- `gpu` is the real run: Qwen2.5-VL-3B-Instruct over the BLIP3o WebDataset shards on GPUs.
+- `smoke` is the offline run: a tiny random Qwen2.5-VL built locally, the bundled sample
+  shards, a handful of images, vLLM's CPU backend. Its captions are meaningless.
+
+Environment variables don't reach Ray workers by themselves, so the engine settings a preset
+needs on the workers travel in `runtime_env["env_vars"]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import helpers
+from helpers.data import SAMPLE_SHARDS
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: str  # a Hugging Face id or a local folder; "tiny" = the locally built test model
+    dataset: str  # a Hugging Face dataset id, a shard glob, a Parquet path or an image folder
+    num_images: int  # the first run's size
+    num_blocks: int  # blocks after repartition: units of parallel work for the CPU stages
+    batch_size: int  # rows per engine call
+    concurrency: int  # engine replicas (one per GPU for a 3B model)
+    max_tokens: int
+    scale_up_images: int  # the "scale up" section's size
+    scale_up_concurrency: int
+    temperature: float = 0.3
+    image_size: int = 225
+    accelerator_type: str | None = None
+    max_concurrent_batches: int = 8
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Where the engine runs: None = one GPU per replica (Ray Data LLM's default).
+    placement_group_config: dict[str, Any] | None = None
+    # Run tokenization in their own CPU stages (helps GPUs) or inside vLLM (fewer actors).
+    separate_tokenizer_stages: bool = True
+    ray_init_kwargs: dict[str, Any] = field(default_factory=dict)
+    env_vars: dict[str, str] = field(default_factory=dict)
+
+    def runtime_env(self) -> dict[str, Any]:
+        """For `ray.init`: ship `helpers` and the preset's environment to every Ray worker."""
+        return {"py_modules": [helpers.__path__[0]], "env_vars": dict(self.env_vars)}
+
+
+PRESETS: dict[str, Preset] = {
+    "gpu": Preset(
+        name="gpu",
+        model="Qwen/Qwen2.5-VL-3B-Instruct",
+        dataset="BLIP3o/BLIP3o-Pretrain-Short-Caption",
+        num_images=10_000,
+        num_blocks=64,
+        batch_size=64,
+        concurrency=1,
+        max_tokens=256,
+        scale_up_images=1_000_000,
+        scale_up_concurrency=4,
+        engine_kwargs={
+            "max_model_len": 4096,
+            "max_num_seqs": 256,
+            "max_num_batched_tokens": 16384,
+            "enable_prefix_caching": True,  # every request shares the system prompt
+            "gpu_memory_utilization": 0.9,
+            "limit_mm_per_prompt": {"image": 1, "video": 0},
+            # 225x225 rounds to 224x224: at most 64 image tokens, whatever the input size.
+            "mm_processor_kwargs": {"max_pixels": 224 * 224},
+        },
+    ),
+    "smoke": Preset(
+        name="smoke",
+        model="tiny",
+        dataset=f"{SAMPLE_SHARDS}/*.tar",
+        num_images=16,
+        num_blocks=2,
+        batch_size=8,
+        concurrency=1,
+        max_tokens=16,
+        scale_up_images=24,
+        scale_up_concurrency=1,
+        max_concurrent_batches=2,
+        engine_kwargs={
+            "dtype": "bfloat16",
+            "max_model_len": 1024,
+            "max_num_seqs": 8,
+            "enforce_eager": True,  # no graph capture on CPU: starts in seconds
+            "limit_mm_per_prompt": {"image": 1, "video": 0},
+            "seed": 0,
+        },
+        # No GPU: the engine replica asks Ray for a CPU instead.
+        placement_group_config={"bundle_per_worker": {"CPU": 1}},
+        separate_tokenizer_stages=False,
+        # Logical CPU slots, not cores: lets the read tasks, the CPU stages and the engine
+        # be scheduled side by side on a 2-core machine (with 2 slots Ray Data waits forever).
+        # No dashboard: its processes would take CPU time from the engine on 2 cores.
+        ray_init_kwargs={"num_cpus": 8, "include_dashboard": False},
+        env_vars={
+            **OFFLINE_ENV,
+            "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache for vLLM's CPU backend
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine in the actor's process: starts faster
+            "TOKENIZERS_PARALLELISM": "false",
+        },
+    ),
+}
+
+
+def get_preset(smoke_test: bool) -> Preset:
+    return PRESETS["smoke" if smoke_test else "gpu"]
+
+
+def resolve_model(model: str) -> str:
+    """`tiny` -> the path of the locally built test model (built on first use); else unchanged."""
+    if model == "tiny":
+        from helpers.tiny_model import ensure_tiny_model
+
+        return ensure_tiny_model()
+    return model

@@ -1,0 +1,69 @@
+import io
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with a few logical CPUs, so reads and maps can run side by side on 2 cores."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header claims width x height: a decompression bomb's signature."""
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])) & 0xFFFFFFFF
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def bad_and_odd_images() -> dict[str, bytes]:
+    """name -> bytes: every kind of input the pipeline must survive (valid ones first)."""
+    rgb = Image.new("RGB", (64, 48), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    frames = [Image.new("P", (16, 16), i) for i in (1, 2)]
+    frames[0].putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    palette_alpha = Image.new("P", (20, 20), 0)
+    palette_alpha.putpalette([0, 0, 0] * 256)
+    good = {
+        "rgb.jpg": encode(rgb, "JPEG"),
+        "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG"),
+        "gray16.png": encode(Image.new("I;16", (32, 32), 65535), "PNG"),
+        "palette.png": encode(rgb.convert("P"), "PNG"),
+        "palette_transparent.png": encode(palette_alpha, "PNG", transparency=0),
+        "la.png": encode(Image.new("LA", (32, 32), (0, 0)), "PNG"),
+        "rgba.png": encode(Image.new("RGBA", (32, 32), (0, 0, 0, 0)), "PNG"),
+        "rotated.jpg": encode(Image.new("RGB", (40, 20), (0, 128, 0)), "JPEG", exif=exif),
+        "animated.gif": gif.getvalue(),
+        "tiny_1x1.png": encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
+        "webp.webp": encode(rgb, "WEBP"),
+        "bitmap.bmp": encode(rgb, "BMP"),
+    }
+    jpeg = encode(Image.effect_noise((256, 256), 64).convert("RGB"), "JPEG")
+    bad = {
+        "empty.jpg": b"",
+        "text_as_image.jpg": b"this is a text file, not a JPEG\n" * 4,
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "bomb.png": png_claiming_size(100_000, 100_000),
+        "garbage.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
+    }
+    return {"good": good, "bad": bad}

@@ -1,0 +1,122 @@
+"""The row functions, on every kind of odd and broken input."""
+
+import pytest
+from conftest import bad_and_odd_images, encode, png_claiming_size
+from PIL import Image
+
+from helpers.rows import (
+    ENGINE_ERROR_COLUMN,
+    OUTPUT_COLUMNS,
+    ImageDecodeError,
+    decode_image,
+    finalize,
+    postprocess,
+    preprocess,
+)
+
+CASES = bad_and_odd_images()
+
+
+@pytest.mark.parametrize("name", sorted(CASES["good"]))
+def test_every_valid_image_decodes_to_rgb(name):
+    image = decode_image(CASES["good"][name])
+    assert image.mode == "RGB"
+    assert image.width >= 1 and image.height >= 1
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("empty.jpg", "empty file"),
+        ("text_as_image.jpg", "not an image"),
+        ("truncated.jpg", "truncated or corrupt"),
+        ("bomb.png", "image too large"),
+        ("garbage.png", ""),
+    ],
+)
+def test_every_bad_image_raises_a_short_clear_reason(name, reason):
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(CASES["bad"][name])
+    assert reason in str(info.value)
+    assert len(str(info.value)) < 300
+
+
+def test_none_is_a_decode_error():
+    with pytest.raises(ImageDecodeError, match="no image data"):
+        decode_image(None)
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    # 12000 x 12000 = 144M pixels: under Pillow's own hard limit (179M), so ours must catch it.
+    with pytest.raises(ImageDecodeError, match="12000x12000 is over the limit"):
+        decode_image(png_claiming_size(12_000, 12_000), max_pixels=100_000_000)
+
+
+def test_exif_orientation_is_applied():
+    assert decode_image(CASES["good"]["rotated.jpg"]).size == (20, 40)
+
+
+def test_animated_image_gives_its_first_frame():
+    assert decode_image(CASES["good"]["animated.gif"]).getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_transparency_goes_onto_white_and_16_bit_is_rescaled():
+    assert decode_image(CASES["good"]["rgba.png"]).getpixel((0, 0)) == (255, 255, 255)
+    assert decode_image(CASES["good"]["la.png"]).getpixel((0, 0)) == (255, 255, 255)
+    assert decode_image(CASES["good"]["gray16.png"]).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_cmyk_keeps_its_colour():
+    r, g, b = decode_image(CASES["good"]["cmyk.jpg"]).getpixel((32, 24))
+    assert r > 150 and g < 80 and b < 80
+
+
+def test_preprocess_builds_a_chat_request_with_a_resized_image():
+    row = {"id": "a", "image_bytes": encode(Image.new("RGB", (640, 480), "blue"), "JPEG")}
+    out = preprocess(row, image_size=225, temperature=0.3, max_tokens=256, instruction="Caption it.")
+    assert out["id"] == "a" and out["decode_error"] is None and out["image_bytes"] is None
+    system, user = out["messages"]
+    assert system["role"] == "system" and isinstance(system["content"], str)
+    image_part, text_part = user["content"]
+    assert image_part["type"] == "image_pil" and image_part["image_pil"].size == (225, 225)
+    assert text_part == {"type": "text", "text": "Caption it."}
+    assert out["sampling_params"] == {"temperature": 0.3, "max_tokens": 256}
+
+
+def test_preprocess_turns_a_bad_image_into_a_one_token_placeholder():
+    out = preprocess({"id": "b", "image_bytes": b""}, max_tokens=256)
+    assert out["decode_error"] == "empty file (0 bytes)"
+    assert out["sampling_params"]["max_tokens"] == 1
+    assert out["messages"][1]["content"][0]["image_pil"].size == (28, 28)
+
+
+def test_postprocess_keeps_text_only():
+    engine_row = {
+        "id": "a",
+        "decode_error": None,
+        "generated_text": "A red house.",
+        "num_input_tokens": 102,
+        "num_generated_tokens": 5,
+        "messages": "...",
+        "multimodal_data": "...",
+    }
+    assert postprocess(engine_row, model="m") == {
+        "id": "a",
+        "caption": "A red house.",
+        "error": None,
+        "num_input_tokens": 102,
+        "num_generated_tokens": 5,
+        "model": "m",
+    }
+    failed = postprocess({**engine_row, "decode_error": "empty file (0 bytes)"}, model="m")
+    assert failed["caption"] is None and failed["error"] == "empty file (0 bytes)"
+    assert failed["num_generated_tokens"] == 0
+
+
+def test_finalize_gives_engine_rejections_the_output_schema():
+    ok = {name: "x" for name in OUTPUT_COLUMNS} | {ENGINE_ERROR_COLUMN: ""}
+    assert finalize(ok, model="m") == {name: "x" for name in OUTPUT_COLUMNS}
+    rejected = {"id": "c", ENGINE_ERROR_COLUMN: "ValueError: prompt is too long", "messages": [1]}
+    out = finalize(rejected, model="m")
+    assert tuple(out) == OUTPUT_COLUMNS
+    assert out["caption"] is None and "prompt is too long" in out["error"]
