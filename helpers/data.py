@@ -69,7 +69,7 @@ def read_parquet_images(
     paths: str | list[str], image_column: str = "image", id_column: str = "id", **read_kwargs
 ) -> ray.data.Dataset:
     """Read Parquet files with an image column (bytes or {"bytes", "path"}) and a key column."""
-    ds = ray.data.read_parquet(paths, columns=[id_column, image_column], **read_kwargs)
+    ds = ray.data.read_parquet(paths, **read_kwargs).select_columns([id_column, image_column])
     return ds.map(parquet_row, fn_kwargs={"image_column": image_column, "id_column": id_column})
 
 

@@ -32,6 +32,7 @@ class Preset:
     dataset: str  # a Hugging Face dataset id, a shard glob, a Parquet path or an image folder
     num_images: int  # the first run's size
     num_blocks: int  # blocks after repartition: units of parallel work for the CPU stages
+    rows_per_block: int  # the streaming repartition of large runs (no barrier)
     batch_size: int  # rows per engine call
     concurrency: int  # engine replicas (one per GPU for a 3B model)
     max_tokens: int
@@ -61,6 +62,7 @@ PRESETS: dict[str, Preset] = {
         dataset="BLIP3o/BLIP3o-Pretrain-Short-Caption",
         num_images=10_000,
         num_blocks=64,
+        rows_per_block=256,
         batch_size=64,
         concurrency=1,
         max_tokens=256,
@@ -83,6 +85,7 @@ PRESETS: dict[str, Preset] = {
         dataset=f"{SAMPLE_SHARDS}/*.tar",
         num_images=16,
         num_blocks=2,
+        rows_per_block=8,
         batch_size=8,
         concurrency=1,
         max_tokens=16,

@@ -17,17 +17,24 @@ def contact_sheet(
     columns: int = 4,
     thumb: int = 192,
     text_lines: int = 5,
+    title: str = "",
 ) -> Image.Image:
-    """items: (image bytes or PIL image, text). Undecodable images get a grey tile."""
+    """items: (image bytes or PIL image, text). Undecodable images get a grey tile.
+
+    A title, if given, is written across the top (say there that random-weight captions are
+    meaningless, wherever they are shown)."""
     font = ImageFont.load_default()
     line_height = 12
     chars_per_line = max(10, thumb // 6)
     cell_w, cell_h = thumb + 16, thumb + 16 + text_lines * line_height
     rows = max(1, -(-len(items) // columns))
-    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    top = 2 * line_height if title else 0
+    sheet = Image.new("RGB", (columns * cell_w, top + rows * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((8, line_height // 2), title, fill=(180, 0, 0), font=font)
     for i, (image, text) in enumerate(items):
-        x, y = (i % columns) * cell_w + 8, (i // columns) * cell_h + 8
+        x, y = (i % columns) * cell_w + 8, top + (i // columns) * cell_h + 8
         if not isinstance(image, Image.Image):
             try:
                 image = decode_image(image)

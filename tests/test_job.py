@@ -1,0 +1,142 @@
+"""The production job, end to end on CPU with the real engine: error rows, resume, summary."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import bad_and_odd_images
+from PIL import Image
+
+from helpers.data import SAMPLE_SHARDS
+from helpers.output import OUTPUT_SCHEMA
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB = [sys.executable, str(ROOT / "batch_inference_vision.py"), "--smoke"]
+
+EXPECTED_REASONS = {
+    "bad/empty.jpg": "empty file (0 bytes)",
+    "bad/text_as_image.jpg": "not an image: unrecognised format",
+    "bad/truncated.jpg": "truncated or corrupt JPEG image",
+    "bad/bomb.png": "image too large",
+    "bad/garbage.png": "",
+    "notes/README.txt": "not an image: unrecognised format",
+}
+
+
+def run_job(*args: str, timeout: int = 600) -> dict:
+    proc = subprocess.run([*JOB, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    output = args[args.index("--output") + 1]
+    return json.loads(Path(output, "_summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mixed")
+    files = {}
+    for kind, items in bad_and_odd_images().items():
+        for name, data in items.items():
+            files[f"{kind}/{name}"] = data
+    files["notes/README.txt"] = b"not an image"
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    out = tmp_path_factory.mktemp("out") / "captions"
+    summary = run_job("--input", str(folder), "--output", str(out), "--contact-sheet-size", "8")
+    return files, out, summary
+
+
+def test_one_row_per_file_and_bad_files_become_error_rows(mixed_run):
+    files, out, summary = mixed_run
+    table = pq.read_table(out)  # one call reads every part file; _summary.json is skipped
+    assert table.schema == OUTPUT_SCHEMA
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted(files) and table.num_rows == len(files)
+    for rel, reason in EXPECTED_REASONS.items():
+        assert rows[rel]["caption"] is None
+        assert rows[rel]["error"] and reason in rows[rel]["error"], (rel, rows[rel]["error"])
+    for rel in files:
+        if rel.startswith("good/"):
+            assert rows[rel]["error"] is None, rows[rel]
+            assert isinstance(rows[rel]["caption"], str) and rows[rel]["num_generated_tokens"] > 0
+            assert rows[rel]["num_input_tokens"] > 0 and rows[rel]["model"] == "tiny"
+
+
+def test_summary_counts_match_the_output(mixed_run):
+    files, out, summary = mixed_run
+    bad = len(EXPECTED_REASONS)
+    assert (
+        summary["rows_in_output"] == summary["unique_ids"] == summary["rows_written_this_run"] == len(files)
+    )
+    assert summary["captioned"] == len(files) - bad and summary["errors"] == bad
+    assert sum(summary["errors_by_reason"].values()) == bad
+    assert summary["errors_by_reason"]["not an image"] >= 2
+    assert summary["images_per_s"] > 0 and summary["versions"]["ray"]
+    assert summary["model"] == "tiny" and summary["rows_skipped_already_done"] == 0
+
+
+def test_contact_sheet_has_the_expected_size(mixed_run):
+    _, out, summary = mixed_run
+    sheet = Image.open(Path(out, "_contact_sheet.png"))
+    # 8 images in 4 columns of 208 px; rows 208 + 5 text lines of 12 px; a 24 px title.
+    assert sheet.size == (4 * 208, 24 + 2 * (208 + 60))
+
+
+def test_kill_and_resume_ends_with_every_id_exactly_once(tmp_path):
+    out = tmp_path / "captions"
+    args = [
+        "--input",
+        f"{SAMPLE_SHARDS}/*.tar",
+        "--output",
+        str(out),
+        "--rows-per-block",
+        "2",
+        "--batch-size",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        [*JOB, *args], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 400
+    while time.time() < deadline and not list(out.glob("part-*.parquet")):
+        assert proc.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
+    proc.wait()
+    first = pq.read_table(out).column("id").to_pylist()
+    assert 0 < len(first) < 24, "kill the job partway"
+    # A write interrupted mid-file leaves only a hidden temporary: never read as finished work.
+    (out / ".tmp-deadbeef-part-x.parquet").write_bytes(b"PAR1 half a file")
+    assert pq.read_table(out).num_rows == len(first)
+
+    summary = run_job(*args)
+    ids = pq.read_table(out).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 24
+    assert set(first) <= set(ids)
+    assert summary["rows_skipped_already_done"] == len(first)
+    assert summary["rows_written_this_run"] == 24 - len(first)
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_prompts_the_engine_rejects_become_error_rows(tmp_path):
+    out = tmp_path / "captions"
+    summary = run_job(
+        "--limit",
+        "4",
+        "--engine-kwargs",
+        '{"max_model_len": 100}',
+        "--output",
+        str(out),
+        "--no-contact-sheet",
+    )
+    table = pq.read_table(out)
+    assert table.num_rows == 4 and summary["errors_by_reason"] == {"engine rejected the request": 4}
+    assert all("maximum context length" in e for e in table.column("error").to_pylist())
+    assert pa.compute.all(pa.compute.is_null(table.column("caption"))).as_py()
