@@ -94,12 +94,14 @@ def preprocess(
     instruction: str = INSTRUCTION,
     temperature: float = 0.3,
     max_tokens: int = 256,
+    ignore_eos: bool = False,
 ) -> dict[str, Any]:
     """Turn an `{"id", "image_bytes"}` row into a chat request for the engine.
 
     The image is resized to image_size x image_size (bicubic) so every request costs the same
     number of vision tokens. An undecodable image becomes a one-token placeholder request
-    that carries its reason in `decode_error`.
+    that carries its reason in `decode_error`. `ignore_eos` (benchmarks only) makes every
+    request generate exactly max_tokens.
     """
     try:
         image = decode_image(row.get("image_bytes"), max_pixels=max_pixels)
@@ -108,6 +110,12 @@ def preprocess(
     except ImageDecodeError as e:
         image = Image.new("RGB", (PLACEHOLDER_SIZE, PLACEHOLDER_SIZE))
         decode_error = str(e)
+    sampling_params: dict[str, Any] = {
+        "temperature": temperature,
+        "max_tokens": 1 if decode_error else max_tokens,
+    }
+    if ignore_eos:
+        sampling_params["ignore_eos"] = True
     return {
         "id": row["id"],
         "decode_error": decode_error,
@@ -122,10 +130,7 @@ def preprocess(
                 ],
             },
         ],
-        "sampling_params": {
-            "temperature": temperature,
-            "max_tokens": 1 if decode_error else max_tokens,
-        },
+        "sampling_params": sampling_params,
     }
 
 

