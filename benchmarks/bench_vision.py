@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=1, help="run each configuration this many times")
     p.add_argument("--out", help="append the JSON lines to this file")
     p.add_argument("--workdir", default="/tmp/bench_vision")
+    p.add_argument("--logdir", help="keep each run's full log here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     return p.parse_args(argv)
 
@@ -183,11 +184,12 @@ def run_pipeline(args, shards: str, run: str) -> dict:
     processor = build_caption_processor(config, model_name=model_name, **kwargs)
     ds = read_images(shards).repartition(target_num_rows_per_block=preset.rows_per_block)
     ds = caption(ds, processor, model_name=model_name)
-    first = None
+    first, first_rows = None, 0
     tokens = []
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         now = time.time()
-        first = first or now
+        if first is None:
+            first, first_rows = now, batch.num_rows
         tokens.extend(batch.column("num_generated_tokens").to_pylist())
         errors = [e for e in batch.column("error").to_pylist() if e]
         assert not errors, errors[:3]
@@ -197,6 +199,7 @@ def run_pipeline(args, shards: str, run: str) -> dict:
         "images": len(tokens),
         "startup_s": round(first - t0, 1),
         "steady_s": done - first,
+        "steady_images": len(tokens) - first_rows,  # counted after the first output arrived
         "e2e_s": done - t0,
         "tokens": tokens,
         "settings": {
@@ -217,6 +220,7 @@ def one(args) -> None:
         result = run_engine(args, shards) if run == "engine" else run_pipeline(args, shards, run)
     tokens = result.pop("tokens")
     n = result["images"]
+    steady_n = result.pop("steady_images", n)
     # Steady: first output to last. For the engine alone all outputs arrive together at the end,
     # so its steady window is the whole generate call (start of generation to last output).
     record = {
@@ -224,7 +228,9 @@ def one(args) -> None:
         "images": n,
         "tokens_ok": n == args.num_images and all(t == args.max_tokens for t in tokens),
         "e2e_images_per_s": round(n / result["e2e_s"], 2),
-        "steady_images_per_s": round(n / result["steady_s"], 2) if result["steady_s"] > 0 else None,
+        "steady_images_per_s": round(steady_n / result["steady_s"], 2)
+        if steady_n and result["steady_s"] > 0
+        else None,
         "startup_s": result["startup_s"],
         "e2e_s": round(result["e2e_s"], 1),
         "output_tokens_per_s": round(sum(tokens) / result["e2e_s"], 1),
@@ -286,6 +292,9 @@ def main(args) -> list[dict]:
         for attempt in range(args.repeat):
             cmd = [sys.executable, __file__, *forward, "--one", run]
             proc = subprocess.run(cmd, capture_output=True, text=True)
+            if args.logdir:
+                Path(args.logdir).mkdir(parents=True, exist_ok=True)
+                Path(args.logdir, f"{run}-{attempt}.log").write_text(proc.stdout + "\n" + proc.stderr)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:
                 record = {"run": run, "error": (proc.stderr or proc.stdout)[-2000:]}

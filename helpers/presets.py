@@ -66,11 +66,12 @@ PRESETS: dict[str, Preset] = {
         batch_size=64,
         concurrency=1,
         max_tokens=256,
+        max_concurrent_batches=16,  # 1,024 requests in flight: the engine's queue never drains
         scale_up_images=1_000_000,
         scale_up_concurrency=4,
         engine_kwargs={
             "max_model_len": 4096,
-            "max_num_seqs": 256,
+            "max_num_seqs": 512,
             "max_num_batched_tokens": 16384,
             "enable_prefix_caching": True,  # every request shares the system prompt
             "gpu_memory_utilization": 0.9,
