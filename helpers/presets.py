@@ -113,6 +113,7 @@ PRESETS: dict[str, Preset] = {
             "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache for vLLM's CPU backend
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine in the actor's process: starts faster
             "TOKENIZERS_PARALLELISM": "false",
+            "VLLM_LOGGING_LEVEL": "WARNING",  # keep the notebook's output readable
         },
     ),
 }
