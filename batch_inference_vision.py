@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -32,6 +31,7 @@ from helpers.output import (
     read_output,
     remove_temporaries,
     summarize_output,
+    write_bytes,
 )
 from helpers.pipeline import build_caption_processor, caption, processor_config, row_kwargs
 from helpers.presets import Preset, get_preset, resolve_model
@@ -40,6 +40,7 @@ from helpers.show import contact_sheet
 # A leading underscore keeps these out of `pyarrow.parquet.read_table(OUTPUT)`, which skips
 # names starting with "_" or "." and would otherwise try to read them as Parquet.
 SUMMARY_NAME = "_summary.json"
+CONTACT_SHEET_NAME = "_contact_sheet.png"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,15 +82,11 @@ class SkipDone:
 
 
 def open_input(args: argparse.Namespace, preset: Preset) -> ray.data.Dataset:
-    source = args.input or preset.dataset
-    kwargs: dict[str, Any] = {}
-    if source.endswith(".parquet") or (os.path.isdir(source) and any(Path(source).glob("*.parquet"))):
-        kwargs = {"image_column": args.image_column, "id_column": args.id_column}
-    return read_images(source, **kwargs)
+    return read_images(args.input or preset.dataset, image_column=args.image_column, id_column=args.id_column)
 
 
 def write_contact_sheet(
-    args: argparse.Namespace, preset: Preset, output: pa.Table, path: str, title: str = ""
+    args: argparse.Namespace, preset: Preset, output: pa.Table, name: str, title: str = ""
 ) -> None:
     """The first images of the input with their captions (or errors), as one PNG."""
     first = open_input(args, preset).limit(args.contact_sheet_size).take_all()
@@ -100,7 +97,9 @@ def write_contact_sheet(
     items = [
         (row["image_bytes"], f"{row['id']}: {text_by_id.get(row['id'], '(not captioned)')}") for row in first
     ]
-    contact_sheet(items, columns=4, title=title).save(path)
+    buf = io.BytesIO()
+    contact_sheet(items, columns=4, title=title).save(buf, format="PNG")
+    write_bytes(args.output, name, buf.getvalue())
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -165,18 +164,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         }
     )
     if args.contact_sheet if args.contact_sheet is not None else args.smoke:
-        sheet = os.path.join(args.output, "_contact_sheet.png")
         title = "Tiny random-weight test model: these captions are meaningless." if args.smoke else ""
-        write_contact_sheet(args, preset, output, sheet, title=title)
-        summary["contact_sheet"] = sheet
-    if "://" not in args.output:
-        Path(args.output, SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-    else:
-        import pyarrow.fs as pafs
-
-        fs, root = pafs.FileSystem.from_uri(args.output)
-        with fs.open_output_stream(f"{root}/{SUMMARY_NAME}") as f:
-            f.write((json.dumps(summary, indent=2) + "\n").encode())
+        write_contact_sheet(args, preset, output, CONTACT_SHEET_NAME, title=title)
+        summary["contact_sheet"] = f"{args.output}/{CONTACT_SHEET_NAME}"
+    write_bytes(args.output, SUMMARY_NAME, (json.dumps(summary, indent=2) + "\n").encode())
     print("[job] summary:\n" + json.dumps(summary, indent=2), flush=True)
     return summary
 

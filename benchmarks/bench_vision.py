@@ -274,10 +274,7 @@ def main(args) -> list[dict]:
         "dummy_weights": args.dummy,
     }
     records = []
-    forward = [a for a in sys.argv[1:] if a != "--out"]
-    if args.out:
-        i = forward.index(args.out) if args.out in forward else -1
-        forward = forward[:i] + forward[i + 1 :] if i >= 0 else forward
+    forward = sys.argv[1:]  # each child measures one run; only this process writes --out
     for run in args.runs.split(","):
         for attempt in range(args.repeat):
             cmd = [sys.executable, __file__, *forward, "--one", run]

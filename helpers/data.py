@@ -73,14 +73,17 @@ def read_parquet_images(
     return ds.map(parquet_row, fn_kwargs={"image_column": image_column, "id_column": id_column})
 
 
-def read_images(source: str, **read_kwargs) -> ray.data.Dataset:
+def read_images(
+    source: str, image_column: str = "image", id_column: str = "id", **read_kwargs
+) -> ray.data.Dataset:
     """Open any supported input as `{"id", "image_bytes"}` rows.
 
     - a Hugging Face dataset id (`owner/name`) of WebDataset shards, e.g. the BLIP3o shards
     - WebDataset shards: a `.tar` path or glob, local or remote (`s3://...`)
-    - Parquet: a `.parquet` path or glob, or a folder of them, with `image` and `id` columns
+    - Parquet: a `.parquet` path or glob, or a folder of them, with image_column and id_column
     - a local folder of image files, read recursively
     """
+    columns = {"image_column": image_column, "id_column": id_column}
     local = os.path.expanduser(source)
     if "://" not in source and glob.has_magic(local):
         matches = sorted(glob.glob(local, recursive=True))
@@ -89,16 +92,16 @@ def read_images(source: str, **read_kwargs) -> ray.data.Dataset:
         if all(m.endswith(".tar") for m in matches):
             return read_webdataset_images(matches, **read_kwargs)
         if all(m.endswith(".parquet") for m in matches):
-            return read_parquet_images(matches, **read_kwargs)
+            return read_parquet_images(matches, **columns, **read_kwargs)
         raise ValueError(f"{source!r} matches files that are neither all .tar nor all .parquet")
-    if source.endswith(".tar") or "://" in source and source.rstrip("/").endswith(".tar"):
+    if source.endswith(".tar"):
         return read_webdataset_images(source, **read_kwargs)
     if source.endswith(".parquet"):
-        return read_parquet_images(source, **read_kwargs)
+        return read_parquet_images(source, **columns, **read_kwargs)
     if os.path.isdir(local):
         names = os.listdir(local)
         if names and all(n.endswith(".parquet") for n in names):
-            return read_parquet_images(local, **read_kwargs)
+            return read_parquet_images(local, **columns, **read_kwargs)
         if names and all(n.endswith(".tar") for n in names):
             return read_webdataset_images(local, **read_kwargs)
         return read_image_folder(local, **read_kwargs)

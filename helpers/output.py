@@ -91,6 +91,14 @@ def remove_temporaries(path: str) -> int:
     return len(stale)
 
 
+def write_bytes(path: str, name: str, data: bytes) -> None:
+    """Write a small side file (summary, contact sheet) beside the Parquet files, local or remote."""
+    fs, root, _ = _filesystem(path)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{name}") as f:
+        f.write(data)
+
+
 def read_output(path: str, columns: list[str] | None = None) -> pa.Table:
     """All committed rows under path (empty table when nothing is there yet)."""
     fs, root, _ = _filesystem(path)

@@ -1,7 +1,6 @@
 """The captioning processor, built from a preset: shared by the job script and the benchmark.
 
-The notebook writes the same configuration out field by field, to teach it; a test checks that
-both build the same stages with the same settings.
+The notebook writes the same configuration out field by field, to teach it.
 """
 
 from __future__ import annotations
