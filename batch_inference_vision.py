@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="HF dataset id, WebDataset shards (.tar path/glob, local or remote), "
         "Parquet with an image column, or a folder of image files (default: the preset's)",
     )
-    p.add_argument("--output", required=True, help="folder (or s3:// URI) for Parquet + summary.json")
+    p.add_argument("--output", required=True, help="folder or s3:// URI: Parquet files + _summary.json")
     p.add_argument("--limit", type=int, help="caption at most this many input images")
     p.add_argument("--model", help="HF model id or local folder ('tiny' = the local test model)")
     p.add_argument("--batch-size", type=int)
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--contact-sheet",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="write contact_sheet.png of the first images (default: on with --smoke)",
+        help="write _contact_sheet.png of the first images (default: on with --smoke)",
     )
     p.add_argument("--contact-sheet-size", type=int, default=16, help="images on the contact sheet")
     return p.parse_args(argv)
