@@ -4,7 +4,11 @@
     python benchmarks/bench_vision.py --smoke -n 16                       # CPU, tiny model
 
 Runs, each in its own process so each starts a fresh engine and frees its memory:
-  engine    vLLM `LLM.chat` alone, with the GPU preset's engine settings
+  engine    vLLM `LLM.chat` alone, with the GPU preset's engine settings (it prepares every
+            image before it generates: the offline API as written)
+  engine_async  vLLM's AsyncLLM alone, the same settings, fed the way Ray Data LLM feeds it
+            (the same number of requests in flight, each returned once finished): what the
+            engine can do with a perfect feeder, the fair yardstick for the pipeline
   pipeline  the project's pipeline (helpers, GPU preset) through Ray Data LLM, as the job runs it
   fp8       the same with quantization="fp8"
   original  the original tutorial's settings: batch 16, concurrency 1, engine defaults
@@ -34,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-RUNS = ("engine", "pipeline", "fp8", "original")
+RUNS = ("engine", "engine_async", "pipeline", "fp8", "original")
 
 
 def parse_args(argv=None):
@@ -48,6 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--engine-kwargs", type=json.loads, default={}, help="JSON merged into the preset's")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--concurrency", type=int)
+    p.add_argument(
+        "--cumulative",
+        action="store_true",
+        help="the engine's default output (an update per token, engine-side detokenize), for comparison",
+    )
+    p.add_argument("--label", default="", help="a name for this configuration in the JSON lines")
     p.add_argument("--repeat", type=int, default=1, help="run each configuration this many times")
     p.add_argument("--out", help="append the JSON lines to this file")
     p.add_argument("--workdir", default="/tmp/bench_vision")
@@ -81,10 +91,10 @@ def make_shards(folder: Path, n: int, per_shard: int = 256) -> str:
 
 
 class GpuMemory:
-    """Peak GPU memory in use (MiB, all GPUs summed), sampled with nvidia-smi."""
+    """Peak GPU memory in use (MiB, per GPU and summed), sampled with nvidia-smi."""
 
     def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
+        self.peak, self.per_gpu, self._stop = 0, [], threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self):
@@ -96,7 +106,11 @@ class GpuMemory:
                     text=True,
                     timeout=10,
                 ).stdout
-                self.peak = max(self.peak, sum(int(x) for x in out.split()))
+                used = [int(x) for x in out.split()]
+                self.peak = max(self.peak, sum(used))
+                if len(self.per_gpu) != len(used):
+                    self.per_gpu = [0] * len(used)
+                self.per_gpu = [max(a, b) for a, b in zip(self.per_gpu, used, strict=True)]
             except (OSError, ValueError, subprocess.SubprocessError):
                 return
             self._stop.wait(1.0)
@@ -129,10 +143,102 @@ def settings(args, run: str):
     return preset, batch_size, concurrency
 
 
-def run_engine(args, shards: str) -> dict:
-    """vLLM alone: the same requests, prepared by the same preprocess, through LLM.chat."""
+def read_rows(shards: str) -> list[dict]:
+    """The benchmark's shards as `{"id", "image_bytes"}` rows, read without Ray."""
     import glob
 
+    rows = []
+    for path in sorted(glob.glob(shards)):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                rows.append({"id": m.name, "image_bytes": tar.extractfile(m).read()})
+    return rows
+
+
+def output_settings(args, preset, run: str) -> dict:
+    """How the engine hands back results: the project's choice, or vLLM's default per-token
+    updates for the original tutorial's settings and for --cumulative."""
+    from helpers.pipeline import row_kwargs
+
+    if run == "original" or args.cumulative:
+        return {"final_only": False, "detokenize": True}
+    kwargs = row_kwargs(preset)
+    return {"final_only": kwargs["final_only"], "detokenize": kwargs["detokenize"]}
+
+
+def run_engine_async(args, shards: str) -> dict:
+    """vLLM's AsyncLLM alone, fed like Ray Data LLM feeds it: batch_size x max_concurrent_batches
+    requests in flight, the same prompt, images, sampling and output settings as the pipeline."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from helpers.presets import resolve_model
+    from helpers.rows import preprocess
+
+    preset, batch_size, _ = settings(args, "engine_async")
+    os.environ.update(preset.env_vars)
+    model = resolve_model(args.model or preset.model)
+    out = output_settings(args, preset, "engine_async")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    requests = []  # decoded and resized before the clock starts: the engine's work only
+    for row in read_rows(shards):
+        messages = preprocess(row, image_size=preset.image_size, final_only=False)["messages"]
+        image = messages[1]["content"][0]["image_pil"]
+        messages[1]["content"][0] = {"type": "image"}
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        requests.append({"prompt": prompt, "multi_modal_data": {"image": image}})
+    params = SamplingParams(
+        temperature=preset.temperature,
+        max_tokens=args.max_tokens,
+        ignore_eos=True,
+        detokenize=out["detokenize"],
+        output_kind=RequestOutputKind.FINAL_ONLY if out["final_only"] else RequestOutputKind.CUMULATIVE,
+    )
+    in_flight = batch_size * preset.max_concurrent_batches
+
+    async def generate_all():
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **preset.engine_kwargs))
+        slots, finished, tokens = asyncio.Semaphore(in_flight), [], []
+
+        async def one(i: int, request: dict):
+            async with slots:
+                final = None
+                async for output in engine.generate(request, params, str(i)):
+                    final = output
+            finished.append(time.time())
+            tokens.append(len(final.outputs[0].token_ids))
+
+        try:
+            await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
+        finally:
+            engine.shutdown()
+        return finished, tokens
+
+    t0 = time.time()
+    finished, tokens = asyncio.run(generate_all())
+    first, done = min(finished), max(finished)
+    return {
+        "images": len(tokens),
+        "startup_s": round(first - t0, 1),
+        "steady_s": done - first,
+        "steady_images": len(tokens) - 1,  # counted after the first output arrived
+        "e2e_s": done - t0,
+        "tokens": tokens,
+        "settings": {
+            "engine_kwargs": preset.engine_kwargs,
+            "in_flight": in_flight,
+            **out,
+        },
+    }
+
+
+def run_engine(args, shards: str) -> dict:
+    """vLLM alone: the same requests, prepared by the same preprocess, through LLM.chat."""
     from vllm import LLM, SamplingParams
 
     from helpers.presets import resolve_model
@@ -140,13 +246,9 @@ def run_engine(args, shards: str) -> dict:
 
     preset, _, _ = settings(args, "engine")
     os.environ.update(preset.env_vars)
-    rows = []
-    for path in sorted(glob.glob(shards)):
-        with tarfile.open(path) as tar:
-            for m in tar.getmembers():
-                rows.append({"id": m.name, "image_bytes": tar.extractfile(m).read()})
+    rows = read_rows(shards)
     t0 = time.time()
-    requests = [preprocess(r, image_size=preset.image_size, max_tokens=args.max_tokens) for r in rows]
+    requests = [preprocess(r, image_size=preset.image_size, final_only=False) for r in rows]
     llm = LLM(model=resolve_model(args.model or preset.model), **preset.engine_kwargs)
     started = time.time()
     params = SamplingParams(temperature=preset.temperature, max_tokens=args.max_tokens, ignore_eos=True)
@@ -180,7 +282,8 @@ def run_pipeline(args, shards: str, run: str) -> dict:
         preset, resolve_model(model_name), batch_size=batch_size, concurrency=concurrency
     )
     # ignore_eos: random weights rarely stop, so every request makes exactly max_tokens.
-    kwargs = {**row_kwargs(preset), "ignore_eos": True}
+    out = output_settings(args, preset, run)
+    kwargs = {**row_kwargs(preset), **out, "ignore_eos": True}
     processor = build_caption_processor(config, model_name=model_name, **kwargs)
     ds = read_images(shards).repartition(target_num_rows_per_block=preset.rows_per_block)
     ds = caption(ds, processor, model_name=model_name)
@@ -208,6 +311,8 @@ def run_pipeline(args, shards: str, run: str) -> dict:
             "concurrency": concurrency,
             "max_concurrent_batches": preset.max_concurrent_batches,
             "separate_tokenizer_stages": preset.separate_tokenizer_stages,
+            **out,
+            "ray_address": os.environ.get("RAY_ADDRESS") or None,
         },
     }
 
@@ -217,7 +322,12 @@ def one(args) -> None:
     shards = str(Path(args.workdir) / "shards" / "*.tar")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     with GpuMemory() as memory:
-        result = run_engine(args, shards) if run == "engine" else run_pipeline(args, shards, run)
+        if run == "engine":
+            result = run_engine(args, shards)
+        elif run == "engine_async":
+            result = run_engine_async(args, shards)
+        else:
+            result = run_pipeline(args, shards, run)
     tokens = result.pop("tokens")
     n = result["images"]
     steady_n = result.pop("steady_images", n)
@@ -225,6 +335,7 @@ def one(args) -> None:
     # so its steady window is the whole generate call (start of generation to last output).
     record = {
         "run": run,
+        "label": args.label,
         "images": n,
         "tokens_ok": n == args.num_images and all(t == args.max_tokens for t in tokens),
         "e2e_images_per_s": round(n / result["e2e_s"], 2),
@@ -235,6 +346,7 @@ def one(args) -> None:
         "e2e_s": round(result["e2e_s"], 1),
         "output_tokens_per_s": round(sum(tokens) / result["e2e_s"], 1),
         "peak_gpu_mem_mib": memory.peak or None,
+        "peak_gpu_mem_mib_per_gpu": memory.per_gpu or None,
         "settings": result["settings"],
     }
     print("RESULT " + json.dumps(record, default=str), flush=True)

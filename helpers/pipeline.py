@@ -42,10 +42,14 @@ def processor_config(
 
 
 def row_kwargs(preset: Preset, *, max_tokens: int | None = None) -> dict[str, Any]:
+    """The preprocess settings of a preset. With separate tokenizer stages, Ray Data LLM
+    detokenizes the output itself, so the engine doesn't (detokenize=False)."""
     return {
         "image_size": preset.image_size,
         "temperature": preset.temperature,
         "max_tokens": max_tokens or preset.max_tokens,
+        "final_only": True,
+        "detokenize": not preset.separate_tokenizer_stages,
     }
 
 

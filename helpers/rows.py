@@ -95,6 +95,8 @@ def preprocess(
     temperature: float = 0.3,
     max_tokens: int = 256,
     ignore_eos: bool = False,
+    final_only: bool = True,
+    detokenize: bool = True,
 ) -> dict[str, Any]:
     """Turn an `{"id", "image_bytes"}` row into a chat request for the engine.
 
@@ -102,6 +104,11 @@ def preprocess(
     number of vision tokens. An undecodable image becomes a one-token placeholder request
     that carries its reason in `decode_error`. `ignore_eos` (benchmarks only) makes every
     request generate exactly max_tokens.
+
+    `final_only` asks the engine for the finished caption only. Ray Data LLM otherwise gets a
+    cumulative update of every request at every token, which keeps the engine actor's event loop
+    (where vLLM also prepares the images) busy. `detokenize=False` leaves the text to Ray Data
+    LLM's own detokenize stage: set it only when that stage is enabled.
     """
     try:
         image = decode_image(row.get("image_bytes"), max_pixels=max_pixels)
@@ -116,6 +123,12 @@ def preprocess(
     }
     if ignore_eos:
         sampling_params["ignore_eos"] = True
+    if final_only:
+        from vllm.sampling_params import RequestOutputKind  # preprocess runs where vLLM is
+
+        sampling_params["output_kind"] = RequestOutputKind.FINAL_ONLY
+    if not detokenize:
+        sampling_params["detokenize"] = False
     return {
         "id": row["id"],
         "decode_error": decode_error,

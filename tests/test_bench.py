@@ -19,7 +19,7 @@ def test_benchmark_smoke_measures_engine_and_pipeline_side_by_side(tmp_path):
         "--max-tokens",
         "4",
         "--runs",
-        "engine,pipeline",
+        "engine,engine_async,pipeline",
         "--workdir",
         str(tmp_path / "work"),
         "--out",
@@ -28,7 +28,7 @@ def test_benchmark_smoke_measures_engine_and_pipeline_side_by_side(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["run"] for r in records] == ["engine", "pipeline"]
+    assert [r["run"] for r in records] == ["engine", "engine_async", "pipeline"]
     for r in records:
         assert r["images"] == 6 and r["tokens_ok"] is True, r
         assert r["e2e_images_per_s"] > 0 and r["startup_s"] > 0

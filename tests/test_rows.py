@@ -3,7 +3,10 @@
 import pytest
 from conftest import bad_and_odd_images, encode, png_claiming_size
 from PIL import Image
+from vllm.sampling_params import RequestOutputKind
 
+from helpers.pipeline import row_kwargs
+from helpers.presets import get_preset
 from helpers.rows import (
     ENGINE_ERROR_COLUMN,
     OUTPUT_COLUMNS,
@@ -71,6 +74,13 @@ def test_cmyk_keeps_its_colour():
     assert r > 150 and g < 80 and b < 80
 
 
+def test_engine_skips_detokenizing_only_when_ray_data_llm_does_it():
+    gpu, smoke = get_preset(smoke_test=False), get_preset(smoke_test=True)
+    assert gpu.separate_tokenizer_stages and row_kwargs(gpu)["detokenize"] is False
+    assert not smoke.separate_tokenizer_stages and row_kwargs(smoke)["detokenize"] is True
+    assert row_kwargs(gpu)["final_only"] and row_kwargs(smoke)["final_only"]
+
+
 def test_preprocess_builds_a_chat_request_with_a_resized_image():
     row = {"id": "a", "image_bytes": encode(Image.new("RGB", (640, 480), "blue"), "JPEG")}
     out = preprocess(row, image_size=225, temperature=0.3, max_tokens=256, instruction="Caption it.")
@@ -80,7 +90,13 @@ def test_preprocess_builds_a_chat_request_with_a_resized_image():
     image_part, text_part = user["content"]
     assert image_part["type"] == "image_pil" and image_part["image_pil"].size == (225, 225)
     assert text_part == {"type": "text", "text": "Caption it."}
-    assert out["sampling_params"] == {"temperature": 0.3, "max_tokens": 256}
+    assert out["sampling_params"] == {
+        "temperature": 0.3,
+        "max_tokens": 256,
+        "output_kind": RequestOutputKind.FINAL_ONLY,  # one result per request, not one per token
+    }
+    raw = preprocess(row, final_only=False, detokenize=False)["sampling_params"]
+    assert "output_kind" not in raw and raw["detokenize"] is False
 
 
 def test_preprocess_turns_a_bad_image_into_a_one_token_placeholder():
