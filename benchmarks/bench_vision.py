@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=1, help="run each configuration this many times")
     p.add_argument("--out", help="append the JSON lines to this file")
     p.add_argument("--workdir", default="/tmp/bench_vision")
-    p.add_argument("--logdir", help="keep each run's full log here")
+    p.add_argument("--logdir", help="each run's full log goes here (default: WORKDIR/logs)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     return p.parse_args(argv)
 
@@ -212,6 +212,8 @@ def run_engine_async(args, shards: str) -> dict:
                     final = output
             finished.append(time.time())
             tokens.append(len(final.outputs[0].token_ids))
+            if len(finished) % 1000 == 0:
+                print(f"PROGRESS {len(finished)} rows at {finished[-1] - t0:.1f} s", flush=True)
 
         try:
             await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
@@ -296,6 +298,8 @@ def run_pipeline(args, shards: str, run: str) -> dict:
         tokens.extend(batch.column("num_generated_tokens").to_pylist())
         errors = [e for e in batch.column("error").to_pylist() if e]
         assert not errors, errors[:3]
+        if len(tokens) // 1000 != (len(tokens) - batch.num_rows) // 1000:
+            print(f"PROGRESS {len(tokens)} rows at {now - t0:.1f} s", flush=True)
     done = time.time()
     ray.shutdown()
     return {
@@ -390,13 +394,16 @@ def main(args) -> list[dict]:
     for run in args.runs.split(","):
         for attempt in range(args.repeat):
             cmd = [sys.executable, __file__, *forward, "--one", run]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if args.logdir:
-                Path(args.logdir).mkdir(parents=True, exist_ok=True)
-                Path(args.logdir, f"{run}-{attempt}.log").write_text(proc.stdout + "\n" + proc.stderr)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            # The child's output goes straight to its log, so a run cut short still leaves one.
+            logdir = Path(args.logdir or Path(args.workdir) / "logs")
+            logdir.mkdir(parents=True, exist_ok=True)
+            log = logdir / f"{run}{'-' + args.label if args.label else ''}-{attempt}.log"
+            with open(log, "w") as f:
+                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
+            output = log.read_text(errors="replace")
+            lines = [ln for ln in output.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:
-                record = {"run": run, "error": (proc.stderr or proc.stdout)[-2000:]}
+                record = {"run": run, "error": output[-2000:]}
             else:
                 record = json.loads(lines[-1][len("RESULT ") :])
             record = {**common, "attempt": attempt, **record}

@@ -1,0 +1,37 @@
+#!/bin/bash
+# The device runs behind benchmarks/results/*-h200x2-*.jsonl, on nvidia-h200-x2 once the kit of
+# ../shared/device/README.md is staged and installed. One step per device call:
+#   bash benchmarks/h200_x2.sh tenk       ours and the original settings, 10,000 images each, side
+#                                         by side (one GPU each, one Ray cluster), same moment
+#   bash benchmarks/h200_x2.sh scale      ours with two engine replicas (one per GPU), 20,000 images
+#   bash benchmarks/h200_x2.sh yardstick  vLLM AsyncLLM alone (GPU 0) beside ours with the engine's
+#                                         default per-token output (GPU 1), 10,000 images each
+# Logs and JSON lines land in $OUT.
+set -u
+source .device/kit/env.sh
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT/logs"
+N=${N:-10000}
+bench() { python3 benchmarks/bench_vision.py --model "$MODEL_DIR" --dummy --logdir "$OUT/logs" --out "$OUT/results.jsonl" "$@"; }
+ray_cli() { python3 -m ray.scripts.scripts "$@"; }
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus.csv"
+case "$1" in
+tenk)
+  ray_cli start --head --num-gpus 2 --include-dashboard=false --disable-usage-stats > "$OUT/ray_start.log" 2>&1
+  export RAY_ADDRESS=auto
+  bench -n "$N" --runs original --workdir /tmp/bw_orig --label tenk > "$OUT/original.txt" 2>&1 &
+  bench -n "$N" --runs pipeline --workdir /tmp/bw_pipe --label tenk > "$OUT/pipeline.txt" 2>&1 &
+  wait
+  ray_cli stop --force > /dev/null 2>&1 ;;
+scale)
+  bench -n $((2 * N)) --runs pipeline --concurrency 2 --workdir /tmp/bw_scale --label scale2 > "$OUT/scale.txt" 2>&1 ;;
+yardstick)
+  CUDA_VISIBLE_DEVICES=0 bench -n "$N" --runs engine_async --workdir /tmp/bw_async --label yardstick \
+    > "$OUT/engine_async.txt" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 bench -n "$N" --runs pipeline --cumulative --workdir /tmp/bw_cum --label cumulative \
+    > "$OUT/cumulative.txt" 2>&1 &
+  wait ;;
+*) echo "usage: h200_x2.sh tenk | scale | yardstick"; exit 2 ;;
+esac
+cat "$OUT/results.jsonl" 2>/dev/null | cut -c1-1500
+grep -h "PROGRESS\|Error\|error" "$OUT"/logs/*.log 2>/dev/null | tail -20
