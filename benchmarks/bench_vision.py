@@ -52,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--engine-kwargs", type=json.loads, default={}, help="JSON merged into the preset's")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--concurrency", type=int)
+    p.add_argument("--max-concurrent-batches", type=int)
     p.add_argument(
         "--cumulative",
         action="store_true",
@@ -130,6 +131,8 @@ def settings(args, run: str):
     preset = get_preset(args.smoke)
     engine_kwargs = {**preset.engine_kwargs, **args.engine_kwargs}
     batch_size, concurrency = args.batch_size or preset.batch_size, args.concurrency or preset.concurrency
+    if args.max_concurrent_batches:
+        preset = dataclasses.replace(preset, max_concurrent_batches=args.max_concurrent_batches)
     if run == "fp8":
         engine_kwargs["quantization"] = "fp8"
     if run == "original":
