@@ -28,7 +28,9 @@ def processor_config(
         model_source=model,
         engine_kwargs={**preset.engine_kwargs, **(engine_kwargs or {})},
         batch_size=batch_size or preset.batch_size,
-        concurrency=concurrency or preset.concurrency,
+        # (n, n): a fixed pool that starts every replica at once. A plain n gives an autoscaling
+        # pool of 1..n, which on 2 H200s added the second replica 92 s after the first.
+        concurrency=fixed_pool(concurrency or preset.concurrency),
         max_concurrent_batches=preset.max_concurrent_batches,
         accelerator_type=preset.accelerator_type,
         placement_group_config=preset.placement_group_config,
@@ -39,6 +41,11 @@ def processor_config(
         should_continue_on_error=True,
         log_engine_metrics=False,
     )
+
+
+def fixed_pool(replicas: int) -> tuple[int, int]:
+    """Ray Data LLM's `concurrency` for exactly `replicas` engine replicas, all started at once."""
+    return (replicas, replicas)
 
 
 def row_kwargs(preset: Preset, *, max_tokens: int | None = None) -> dict[str, Any]:

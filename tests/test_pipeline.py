@@ -37,3 +37,9 @@ def test_separate_detokenize_stage_with_final_only_output_gives_full_captions():
         assert r["error"] is None, r
         assert r["num_generated_tokens"] == MAX_TOKENS, r
         assert isinstance(r["caption"], str) and r["caption"].strip(), r  # text from Ray's stage
+
+
+def test_engine_replicas_are_a_fixed_pool_started_at_once():
+    config = processor_config(get_preset(smoke_test=False), "Qwen/Qwen2.5-VL-3B-Instruct", concurrency=3)
+    pool = config.get_concurrency(autoscaling_enabled=True)  # what Ray Data LLM asks of Ray Data
+    assert pool.get("size", pool.get("min_size")) == 3 and pool.get("max_size", 3) == 3, pool
