@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,6 +83,28 @@ def test_contact_sheet_has_the_expected_size(mixed_run):
     assert sheet.size == (4 * 208, 24 + 2 * (208 + 60))
 
 
+def kill_all_processes_mentioning(marker: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while True:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            try:
+                # Ray workers rewrite their command line, but inherit the environment.
+                if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert time.time() < deadline, f"processes of the killed job survive: {pids}"
+        time.sleep(0.2)
+
+
 def test_kill_and_resume_ends_with_every_id_exactly_once(tmp_path):
     out = tmp_path / "captions"
     args = [
@@ -94,15 +117,25 @@ def test_kill_and_resume_ends_with_every_id_exactly_once(tmp_path):
         "--batch-size",
         "2",
     ]
+    # Its own Ray temp dir, in the environment of every process of this job, workers included.
+    marker = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths have a limit
     proc = subprocess.Popen(
-        [*JOB, *args], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*JOB, *args],
+        cwd=ROOT,
+        env={**os.environ, "RAY_TMPDIR": marker},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 400
     while time.time() < deadline and not list(out.glob("part-*.parquet")):
         assert proc.poll() is None, "the job ended before it could be killed"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the processes of its session
     proc.wait()
+    # Ray workers live in other sessions; one could still commit a file after the driver died.
+    # Kill them too before counting what the first run left.
+    kill_all_processes_mentioning(marker)
     first = pq.read_table(out).column("id").to_pylist()
     assert 0 < len(first) < 24, "kill the job partway"
     # A write interrupted mid-file leaves only a hidden temporary: never read as finished work.
