@@ -70,7 +70,7 @@ PRESETS: dict[str, Preset] = {
         scale_up_images=1_000_000,
         scale_up_concurrency=4,
         # Tuned on one H200 (benchmarks/results/): 1,024 sequences at once gave 121 images/s
-        # steady against 94 for 512, side by side; KV cache use stays under 10%.
+        # steady against 94 for 512, side by side; KV cache use peaked at 10%.
         engine_kwargs={
             "max_model_len": 4096,
             "max_num_seqs": 1024,
