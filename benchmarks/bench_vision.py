@@ -125,7 +125,7 @@ class GpuMemory:
 
 
 def settings(args, run: str):
-    """(preset, engine_kwargs, batch_size, concurrency, separate tokenizer stages) for one run."""
+    """(preset, batch_size, concurrency) for one run; the preset carries its engine_kwargs."""
     from helpers.presets import get_preset
 
     preset = get_preset(args.smoke)
@@ -338,7 +338,7 @@ def one(args) -> None:
     tokens = result.pop("tokens")
     n = result["images"]
     steady_n = result.pop("steady_images", n)
-    # Steady: first output to last. For the engine alone all outputs arrive together at the end,
+    # Steady: first output to last. LLM.chat ("engine") returns all outputs together at the end,
     # so its steady window is the whole generate call (start of generation to last output).
     record = {
         "run": run,
@@ -394,12 +394,12 @@ def main(args) -> list[dict]:
     }
     records = []
     forward = sys.argv[1:]  # each child measures one run; only this process writes --out
+    # Each child's output goes straight to its log, so a run cut short still leaves one.
+    logdir = Path(args.logdir or Path(args.workdir) / "logs")
+    logdir.mkdir(parents=True, exist_ok=True)
     for run in args.runs.split(","):
         for attempt in range(args.repeat):
             cmd = [sys.executable, __file__, *forward, "--one", run]
-            # The child's output goes straight to its log, so a run cut short still leaves one.
-            logdir = Path(args.logdir or Path(args.workdir) / "logs")
-            logdir.mkdir(parents=True, exist_ok=True)
             log = logdir / f"{run}{'-' + args.label if args.label else ''}-{attempt}.log"
             with open(log, "w") as f:
                 proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)

@@ -16,26 +16,30 @@ mkdir -p "$OUT/logs"
 N=${N:-10000}
 bench() { python3 benchmarks/bench_vision.py --model "$MODEL_DIR" --dummy --logdir "$OUT/logs" --out "$OUT/results.jsonl" "$@"; }
 ray_cli() { python3 -m ray.scripts.scripts "$@"; }
+# One Ray cluster over both GPUs for two drivers side by side (Ray's own start is in neither figure).
+cluster_up() {
+  ray_cli start --head --num-gpus 2 --include-dashboard=false --disable-usage-stats > "$OUT/ray_start.log" 2>&1
+  export RAY_ADDRESS=auto
+}
+cluster_down() { ray_cli stop --force > /dev/null 2>&1; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus.csv"
 case "$1" in
 tenk)
-  ray_cli start --head --num-gpus 2 --include-dashboard=false --disable-usage-stats > "$OUT/ray_start.log" 2>&1
-  export RAY_ADDRESS=auto
+  cluster_up
   bench -n "$N" --runs original --workdir /tmp/bw_orig --label tenk > "$OUT/original.txt" 2>&1 &
   bench -n "$N" --runs pipeline --workdir /tmp/bw_pipe --label tenk > "$OUT/pipeline.txt" 2>&1 &
   wait
-  ray_cli stop --force > /dev/null 2>&1 ;;
+  cluster_down ;;
 scale)
   bench -n $((2 * N)) --runs pipeline --concurrency 2 --workdir /tmp/bw_scale --label scale2 > "$OUT/scale.txt" 2>&1 ;;
 tune)
-  ray_cli start --head --num-gpus 2 --include-dashboard=false --disable-usage-stats > "$OUT/ray_start.log" 2>&1
-  export RAY_ADDRESS=auto
+  cluster_up
   bench -n 6144 --runs pipeline --workdir /tmp/bw_a --label tune-preset > "$OUT/tune_a.txt" 2>&1 &
   bench -n 6144 --runs pipeline --workdir /tmp/bw_b --label tune-1024 --max-concurrent-batches 32 \
     --engine-kwargs '{"max_num_seqs": 1024, "compilation_config": {"max_cudagraph_capture_size": 1024}}' \
     > "$OUT/tune_b.txt" 2>&1 &
   wait
-  ray_cli stop --force > /dev/null 2>&1 ;;
+  cluster_down ;;
 yardstick)
   CUDA_VISIBLE_DEVICES=0 bench -n "$N" --runs engine_async --workdir /tmp/bw_async --label yardstick \
     > "$OUT/engine_async.txt" 2>&1 &

@@ -24,13 +24,14 @@ def processor_config(
     engine_kwargs: dict[str, Any] | None = None,
 ) -> vLLMEngineProcessorConfig:
     separate = preset.separate_tokenizer_stages
+    replicas = concurrency or preset.concurrency
     return vLLMEngineProcessorConfig(
         model_source=model,
         engine_kwargs={**preset.engine_kwargs, **(engine_kwargs or {})},
         batch_size=batch_size or preset.batch_size,
         # (n, n): a fixed pool that starts every replica at once. A plain n gives an autoscaling
         # pool of 1..n, which on 2 H200s added the second replica 92 s after the first.
-        concurrency=fixed_pool(concurrency or preset.concurrency),
+        concurrency=(replicas, replicas),
         max_concurrent_batches=preset.max_concurrent_batches,
         accelerator_type=preset.accelerator_type,
         placement_group_config=preset.placement_group_config,
@@ -41,11 +42,6 @@ def processor_config(
         should_continue_on_error=True,
         log_engine_metrics=False,
     )
-
-
-def fixed_pool(replicas: int) -> tuple[int, int]:
-    """Ray Data LLM's `concurrency` for exactly `replicas` engine replicas, all started at once."""
-    return (replicas, replicas)
 
 
 def row_kwargs(preset: Preset, *, max_tokens: int | None = None) -> dict[str, Any]:
