@@ -18,6 +18,7 @@ import io
 import json
 import sys
 import time
+import traceback
 from typing import Any
 
 import pyarrow as pa
@@ -27,6 +28,7 @@ import ray
 from helpers.data import read_images
 from helpers.output import (
     AtomicParquetDatasink,
+    dedupe_output,
     package_versions,
     read_output,
     remove_temporaries,
@@ -34,13 +36,20 @@ from helpers.output import (
     write_bytes,
 )
 from helpers.pipeline import build_caption_processor, caption, processor_config, row_kwargs
-from helpers.presets import Preset, get_preset, resolve_model
+from helpers.presets import Preset, get_preset, init_ray, resolve_model
 from helpers.show import contact_sheet
 
 # A leading underscore keeps these out of `pyarrow.parquet.read_table(OUTPUT)`, which skips
 # names starting with "_" or "." and would otherwise try to read them as Parquet.
 SUMMARY_NAME = "_summary.json"
 CONTACT_SHEET_NAME = "_contact_sheet.png"
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "Parquet with an image column, or a folder of image files (default: the preset's)",
     )
     p.add_argument("--output", required=True, help="folder or s3:// URI: Parquet files + _summary.json")
-    p.add_argument("--limit", type=int, help="caption at most this many input images")
+    p.add_argument("--limit", type=non_negative, help="caption at most this many input images (the first N)")
     p.add_argument("--model", help="HF model id or local folder ('tiny' = the local test model)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--concurrency", type=int, help="engine replicas (one GPU each)")
@@ -113,18 +122,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         rows_per_block=args.rows_per_block or preset.rows_per_block,
     )
 
-    ray.init(runtime_env=preset.runtime_env(), ignore_reinit_error=True, **preset.ray_init_kwargs)
+    init_ray(preset)  # a Ray Job connects to its cluster; elsewhere a local one starts
     ctx = ray.data.DataContext.get_current()
-    if args.limit:
+    if args.limit is not None:
         # Take the same first N images on every run, so a resumed run completes the same set.
         ctx.execution_options.preserve_order = True
 
     removed = remove_temporaries(args.output)
-    done_ids = read_output(args.output, columns=["id"]).column("id").combine_chunks()
-    print(f"[job] {len(done_ids)} ids already in {args.output}; {removed} partial files removed", flush=True)
+    done_ids, repeats = dedupe_output(args.output)
+    print(
+        f"[job] {len(done_ids)} ids already in {args.output}; {removed} partial files and "
+        f"{repeats} repeated rows removed",
+        flush=True,
+    )
 
     ds = open_input(args, preset)
-    if args.limit:
+    if args.limit is not None:
         ds = ds.limit(args.limit)
     if len(done_ids):
         ds = ds.map_batches(
@@ -143,8 +156,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     processor = build_caption_processor(config, model_name=model_name, **row_kwargs(preset))
     t_run = time.time()
     sink = AtomicParquetDatasink(args.output)
-    caption(ds, processor, model_name=model_name).write_datasink(sink)
+    try:
+        caption(ds, processor, model_name=model_name).write_datasink(sink)
+    except Exception as e:
+        traceback.print_exc()
+        committed = len(dedupe_output(args.output)[0])
+        last_line = (str(e).strip().splitlines() or [""])[-1][:500]
+        print(
+            f"[job] FAILED: {type(e).__name__}: {last_line}\n"
+            f"[job] {committed} rows are committed in {args.output}; run the same command again "
+            "to caption the rest.",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(1) from e
     run_s = time.time() - t_run
+    # A killed earlier run's last write can land while this one runs: keep every id once.
+    repeats += dedupe_output(args.output)[1]
 
     output = read_output(args.output)
     summary = summarize_output(output)
@@ -153,6 +181,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         {
             "rows_skipped_already_done": len(done_ids),
             "rows_written_this_run": written,
+            "repeated_rows_removed": repeats,
             "images_per_s": round(written / run_s, 3) if run_s else None,
             "pipeline_s": round(run_s, 1),
             "wall_s": round(time.time() - t_start, 1),

@@ -5,6 +5,12 @@ file and renames it; on an object store (s3://, gs://) the object only appears o
 completes. A killed job therefore leaves only whole files behind (plus hidden temporaries, which
 readers skip and the next run deletes). The file name is a hash of the ids it holds, so a retried
 write task replaces its own file instead of adding a duplicate.
+
+One window remains that no naming can close: after a hard kill of the driver, a write task of
+the killed run can still commit its file for a moment, and a rerun started in that moment
+captions those rows again into a file of another name. `dedupe_output` removes such repeats;
+the job calls it when it reads the output to resume and again once its own writes are done, so
+every id is in the output exactly once by construction, whatever the timing.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -89,6 +96,57 @@ def remove_temporaries(path: str) -> int:
     for p in stale:
         fs.delete_file(p)
     return len(stale)
+
+
+def _part_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    """The committed Parquet files under root, in name order (what pyarrow's reader sees)."""
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    return sorted(
+        f.path
+        for f in fs.get_file_info(pafs.FileSelector(root))
+        if f.type == pafs.FileType.File
+        and f.path.endswith(".parquet")
+        and not os.path.basename(f.path).startswith((".", "_"))
+    )
+
+
+def _replace_file(fs: pafs.FileSystem, path: str, table: pa.Table, local: bool) -> None:
+    """Overwrite one committed file, atomically where the filesystem allows it."""
+    if local:
+        tmp = f"{os.path.dirname(path)}/{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}"
+        pq.write_table(table, tmp, filesystem=fs)
+        fs.move(tmp, path)
+    else:
+        pq.write_table(table, path, filesystem=fs)
+
+
+def dedupe_output(path: str) -> tuple[pa.Array, int]:
+    """Keep each id once across the committed files; returns (the unique ids, rows removed).
+
+    Reads only the `id` column of every file, and rewrites only a file that repeats ids of an
+    earlier one (in name order). Repeats inside one file are left alone: a write task holds each
+    row of the input once, so they can only come from repeated ids in the input itself.
+    """
+    fs, root, local = _filesystem(path)
+    seen: list[pa.Array] = []
+    removed = 0
+    for file in _part_files(fs, root):
+        ids = pq.read_table(file, columns=["id"], filesystem=fs).column("id").combine_chunks()
+        if seen:
+            repeated = pc.is_in(ids, value_set=pa.concat_arrays(seen))
+            count = pc.sum(repeated).as_py() or 0
+            if count:
+                removed += count
+                keep = pc.invert(repeated)
+                if count == len(ids):
+                    fs.delete_file(file)
+                    continue
+                _replace_file(fs, file, pq.read_table(file, filesystem=fs).filter(keep), local)
+                ids = ids.filter(keep)
+        seen.append(ids.cast(pa.string()))
+    unique = pa.concat_arrays(seen) if seen else pa.array([], pa.string())
+    return unique, removed
 
 
 def write_bytes(path: str, name: str, data: bytes) -> None:

@@ -47,7 +47,7 @@ class Preset:
     placement_group_config: dict[str, Any] | None = None
     # Run tokenization in their own CPU stages (helps GPUs) or inside vLLM (fewer actors).
     separate_tokenizer_stages: bool = True
-    ray_init_kwargs: dict[str, Any] = field(default_factory=dict)
+    ray_init_kwargs: dict[str, Any] = field(default_factory=dict)  # for a local start only
     env_vars: dict[str, str] = field(default_factory=dict)
 
     def runtime_env(self) -> dict[str, Any]:
@@ -125,6 +125,27 @@ PRESETS: dict[str, Preset] = {
 
 def get_preset(smoke_test: bool) -> Preset:
     return PRESETS["smoke" if smoke_test else "gpu"]
+
+
+def init_ray(preset: Preset, **kwargs: Any) -> bool:
+    """Connect to the running Ray cluster if there is one, else start a local one.
+
+    `ray.init()` connects when RAY_ADDRESS is set (the driver of a Ray Job, a notebook on a
+    cluster) or when `ray start` runs on this machine, and Ray refuses local-cluster settings
+    such as `num_cpus` when it connects. So the preset's `ray_init_kwargs` go only to a local
+    start. Returns True when it started a local cluster.
+    """
+    import ray
+    from ray._private.services import canonicalize_bootstrap_address  # ray.init's own rule
+
+    local = canonicalize_bootstrap_address(None) is None
+    ray.init(
+        runtime_env=preset.runtime_env(),
+        ignore_reinit_error=True,
+        **(preset.ray_init_kwargs if local else {}),
+        **kwargs,
+    )
+    return local
 
 
 def resolve_model(model: str) -> str:

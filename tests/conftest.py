@@ -1,6 +1,11 @@
 import io
+import os
+import signal
+import socket
 import struct
+import time
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -79,3 +84,31 @@ def write_mixed_folder(root) -> dict[str, bytes]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     return files
+
+
+def kill_all_processes_mentioning(marker: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while True:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            try:
+                # Ray workers rewrite their command line, but inherit the environment.
+                if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert time.time() < deadline, f"processes of the killed job survive: {pids}"
+        time.sleep(0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_mixed_folder
+from conftest import kill_all_processes_mentioning, write_mixed_folder
 from PIL import Image
 
 from helpers.data import SAMPLE_SHARDS
@@ -81,28 +81,6 @@ def test_contact_sheet_has_the_expected_size(mixed_run):
     sheet = Image.open(Path(out, "_contact_sheet.png"))
     # 8 images in 4 columns of 208 px; rows 208 + 5 text lines of 12 px; a 24 px title.
     assert sheet.size == (4 * 208, 24 + 2 * (208 + 60))
-
-
-def kill_all_processes_mentioning(marker: str, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while True:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            try:
-                # Ray workers rewrite their command line, but inherit the environment.
-                if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        assert time.time() < deadline, f"processes of the killed job survive: {pids}"
-        time.sleep(0.2)
 
 
 def test_kill_and_resume_ends_with_every_id_exactly_once(tmp_path):
