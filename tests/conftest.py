@@ -3,8 +3,10 @@ import os
 import signal
 import socket
 import struct
+import tarfile
 import time
 import zlib
+from glob import glob
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def first_sample_ids(n: int) -> list[str]:
+    """The first n ids of the bundled shards, in the shards' own order."""
+    from helpers.data import SAMPLE_SHARDS
+
+    ids = []
+    for shard in sorted(glob(f"{SAMPLE_SHARDS}/*.tar")):
+        with tarfile.open(shard) as tar:
+            ids += list(dict.fromkeys(m.name.split(".")[0] for m in tar.getmembers()))
+    return ids[:n]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import kill_all_processes_mentioning, write_mixed_folder
+from conftest import first_sample_ids, kill_all_processes_mentioning, write_mixed_folder
 from PIL import Image
 
 from helpers.data import SAMPLE_SHARDS
@@ -83,18 +83,11 @@ def test_contact_sheet_has_the_expected_size(mixed_run):
     assert sheet.size == (4 * 208, 24 + 2 * (208 + 60))
 
 
-def test_kill_and_resume_ends_with_every_id_exactly_once(tmp_path):
+def test_driver_killed_alone_and_rerun_at_once_gives_the_first_n_ids_exactly_once(tmp_path):
     out = tmp_path / "captions"
-    args = [
-        "--input",
-        f"{SAMPLE_SHARDS}/*.tar",
-        "--output",
-        str(out),
-        "--rows-per-block",
-        "2",
-        "--batch-size",
-        "2",
-    ]
+    limit = 20  # of 24: resume must complete the same first N (job.yaml runs --limit with retries)
+    args = ["--input", f"{SAMPLE_SHARDS}/*.tar", "--output", str(out), "--limit", str(limit)]
+    args += ["--rows-per-block", "2", "--batch-size", "2", "--no-contact-sheet"]
     # Its own Ray temp dir, in the environment of every process of this job, workers included.
     marker = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths have a limit
     proc = subprocess.Popen(
@@ -105,28 +98,36 @@ def test_kill_and_resume_ends_with_every_id_exactly_once(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 400
-    while time.time() < deadline and not list(out.glob("part-*.parquet")):
-        assert proc.poll() is None, "the job ended before it could be killed"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the processes of its session
-    proc.wait()
-    # Ray workers live in other sessions; one could still commit a file after the driver died.
-    # Kill them too before counting what the first run left.
-    kill_all_processes_mentioning(marker)
-    first = pq.read_table(out).column("id").to_pylist()
-    assert 0 < len(first) < 24, "kill the job partway"
-    # A write interrupted mid-file leaves only a hidden temporary: never read as finished work.
-    (out / ".tmp-deadbeef-part-x.parquet").write_bytes(b"PAR1 half a file")
-    assert pq.read_table(out).num_rows == len(first)
-
-    summary = run_job(*args)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and not list(out.glob("part-*.parquet")):
+            assert proc.poll() is None, "the job ended before it could be killed"
+            time.sleep(0.2)
+        # The driver alone: its Ray workers run on for a moment and may still commit files,
+        # while the rerun below has already read what is there.
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        first = pq.read_table(out).column("id").to_pylist()
+        assert 0 < len(first) < limit, "kill the job partway"
+        # A write interrupted mid-file leaves only a hidden temporary: never read as finished work.
+        planted = out / ".tmp-deadbeef-part-x.parquet"
+        planted.write_bytes(b"PAR1 half a file")
+        assert pq.read_table(out).num_rows >= len(first)
+        summary = run_job(*args)  # at once
+    finally:
+        kill_all_processes_mentioning(marker)
     ids = pq.read_table(out).column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 24
-    assert set(first) <= set(ids)
-    assert summary["rows_skipped_already_done"] == len(first)
-    assert summary["rows_written_this_run"] == 24 - len(first)
-    assert not list(out.glob(".tmp-*"))
+    assert len(ids) == len(set(ids)) == limit
+    assert set(ids) == set(first_sample_ids(limit)) and set(first) <= set(ids)
+    assert summary["rows_in_output"] == summary["unique_ids"] == limit
+    assert summary["rows_skipped_already_done"] >= len(first)
+    assert not planted.exists()
+
+
+def test_limit_zero_captions_nothing(tmp_path):
+    out = tmp_path / "captions"
+    summary = run_job("--limit", "0", "--output", str(out), "--no-contact-sheet")
+    assert summary["rows_in_output"] == 0 and summary["rows_written_this_run"] == 0
 
 
 def test_prompts_the_engine_rejects_become_error_rows(tmp_path):

@@ -9,14 +9,12 @@ import os
 import re
 import subprocess
 import sys
-import tarfile
-from glob import glob
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import first_sample_ids
 
-from helpers.data import SAMPLE_SHARDS
 from helpers.presets import get_preset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,15 +85,6 @@ def test_pictures_reach_the_notebook(executed):
     assert len(pictures) == 2  # the sample grid, then the same samples with their captions
 
 
-def first_ids(n: int) -> list[str]:
-    """The first n sample ids in the shards' own order."""
-    ids = []
-    for shard in sorted(glob(f"{SAMPLE_SHARDS}/*.tar")):
-        with tarfile.open(shard) as tar:
-            ids += list(dict.fromkeys(m.name.split(".")[0] for m in tar.getmembers()))
-    return ids[:n]
-
-
 @pytest.mark.parametrize(
     "suffix, images", [("", SMOKE.num_images), ("_scaled", SMOKE.scale_up_images)], ids=["first", "scaled"]
 )
@@ -107,4 +96,4 @@ def test_each_run_wrote_one_caption_per_image(executed, suffix, images):
     assert table.column("error").null_count == table.num_rows, "the offline preset makes no error rows"
     assert all(c for c in table.column("caption").to_pylist())
     # The first run takes the first images in order, so the samples shown at the start are in it.
-    assert set(first_ids(images)) == set(ids)
+    assert set(first_sample_ids(images)) == set(ids)
