@@ -10,7 +10,7 @@ NOTEBOOK := llm_batch_inference_vision.ipynb
 OFFLINE := SMOKE_TEST=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help setup run run-gpu job test readme lint clean
+.PHONY: help setup run run-gpu job test readme screenshot lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -36,6 +36,17 @@ test: setup ## Run every test: unit, notebook (nbval), README sync, lint
 
 readme: setup ## Regenerate README.md from the notebook
 	$(PY) -m jupyter nbconvert --to markdown $(NOTEBOOK) --output README --log-level WARN
+
+# Docs rendering, checked in a real browser: the executed notebook as HTML, in headless Chromium.
+CHROMIUM_FLAGS := --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+  --disable-background-networking --disable-component-update --disable-sync --hide-scrollbars
+screenshot: ## Render outputs/ (from make run) to HTML and screenshot it: outputs/notebook.png
+	test -f outputs/$(NOTEBOOK) || { echo "run \`make run\` first"; exit 1; }
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	$(PY) -m jupyter nbconvert --to html outputs/$(NOTEBOOK) --output-dir outputs --log-level WARN
+	chromium $(CHROMIUM_FLAGS) --user-data-dir=$$(mktemp -d) --window-size=1100,$${HEIGHT:-14000} \
+	  --screenshot=$(CURDIR)/outputs/notebook.png file://$(CURDIR)/outputs/llm_batch_inference_vision.html
+	@echo "Screenshot: outputs/notebook.png"
 
 lint: setup ## ruff check + format check
 	$(VENV)/bin/ruff check .

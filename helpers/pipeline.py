@@ -56,6 +56,10 @@ def row_kwargs(preset: Preset, *, max_tokens: int | None = None) -> dict[str, An
     }
 
 
+# Two deprecation warnings in the engine's log are upstream's, not ours: "Passing raw prompts to
+# InputProcessor is deprecated" comes from how Ray Data LLM's engine stage (Ray 2.60) hands each
+# request to vLLM, and "The `use_fast` parameter is deprecated" from vLLM 0.29's Qwen2.5-VL
+# processor, which passes use_fast=True to transformers 5.
 def build_caption_processor(config: vLLMEngineProcessorConfig, *, model_name: str, **preprocess_kwargs: Any):
     """build_processor with the project's row functions bound to their settings."""
     return build_processor(
