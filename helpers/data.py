@@ -43,9 +43,12 @@ def hf_dataset_shards(dataset_id: str, pattern: str = "**/*.tar", revision: str 
     Returns (paths, filesystem) for `read_webdataset`: the shards are read in parallel by Ray
     tasks through the Hugging Face filesystem, not by one streaming iterator on the driver.
     """
-    from huggingface_hub import HfFileSystem
+    from huggingface_hub import HfFileSystem, constants
 
-    fs = HfFileSystem()
+    # The driver's endpoint (HF_ENDPOINT, a mirror say), explicitly and in a fresh instance: only
+    # then is it in the storage options that travel to the read tasks, which don't see the
+    # driver's environment. A cached instance (huggingface_hub's own `hffs`) has none.
+    fs = HfFileSystem(endpoint=constants.ENDPOINT, skip_instance_cache=True)
     paths = sorted(fs.glob(f"datasets/{dataset_id}@{revision}/{pattern}"))
     if not paths:
         raise FileNotFoundError(f"no shards match {pattern!r} in the dataset {dataset_id!r}")

@@ -45,8 +45,8 @@ def bad_and_odd_images() -> dict[str, bytes]:
     rgb = Image.new("RGB", (64, 48), (200, 30, 30))
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees to display
-    frames = [Image.new("P", (16, 16), i) for i in (1, 2)]
-    frames[0].putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+    # Frames that differ (red, then blue), so decoding the last frame instead is caught.
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
     gif = io.BytesIO()
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=100)
     palette_alpha = Image.new("P", (20, 20), 0)
@@ -54,7 +54,8 @@ def bad_and_odd_images() -> dict[str, bytes]:
     good = {
         "rgb.jpg": encode(rgb, "JPEG"),
         "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG"),
-        "gray16.png": encode(Image.new("I;16", (32, 32), 65535), "PNG"),
+        # Mid-grey: 32768 rescales to 127; a plain convert("RGB") would clip it to 255.
+        "gray16.png": encode(Image.new("I;16", (32, 32), 32768), "PNG"),
         "palette.png": encode(rgb.convert("P"), "PNG"),
         "palette_transparent.png": encode(palette_alpha, "PNG", transparency=0),
         "la.png": encode(Image.new("LA", (32, 32), (0, 0)), "PNG"),
@@ -71,7 +72,9 @@ def bad_and_odd_images() -> dict[str, bytes]:
         "text_as_image.jpg": b"this is a text file, not a JPEG\n" * 4,
         "truncated.jpg": jpeg[: len(jpeg) // 2],
         "bomb.png": png_claiming_size(100_000, 100_000),
-        "garbage.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
+        "garbage.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,  # no plugin accepts it
+        # A BMP signature with a header Pillow's BMP reader rejects (OSError) while opening.
+        "bad_header.bmp": b"BM" + bytes(60),
     }
     return {"good": good, "bad": bad}
 

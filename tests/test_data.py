@@ -1,8 +1,14 @@
 """Data sources: each yields one `{"id", "image_bytes"}` row per input, with stable ids."""
 
 import glob
+import hashlib
+import json
 import os
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,8 +25,15 @@ def test_bundled_shards_equal_a_fresh_generation(tmp_path):
         assert committed.read_bytes() == Path(fresh).read_bytes(), "run: python -m helpers.samples"
 
 
+def read_tasks(ds) -> int:
+    """How many tasks ran the read (its operator's line in the stats of a materialized dataset)."""
+    line = next(x for x in ds.stats().splitlines() if "ReadWebDataset" in x and "tasks executed" in x)
+    return int(re.search(r"(\d+) tasks executed", line).group(1))
+
+
 def test_webdataset_shards_read_in_parallel(ray_local):
-    ds = read_images(f"{SAMPLE_SHARDS}/*.tar")
+    ds = read_images(f"{SAMPLE_SHARDS}/*.tar").materialize()
+    assert read_tasks(ds) >= NUM_SHARDS  # one read task per shard at least, not one reader
     rows = ds.take_all()
     assert len(rows) == NUM_SHARDS * IMAGES_PER_SHARD
     assert len({r["id"] for r in rows}) == len(rows)
@@ -55,3 +68,76 @@ def test_parquet_with_hf_style_image_structs(ray_local, tmp_path):
     rows = read_images(str(tmp_path)).take_all()
     assert {r["id"]: r["image_bytes"] for r in rows} == data
     assert read_images(os.path.join(tmp_path, "*.parquet")).count() == len(data)
+
+
+class StandInHub(BaseHTTPRequestHandler):
+    """The few Hub endpoints HfFileSystem calls to glob and read a dataset repo, served locally:
+    repo info, the file tree, and file downloads (with byte ranges). Never the real Hub."""
+
+    files: dict[str, bytes] = {}  # path in the repo -> bytes
+    downloads: list[str] = []
+
+    def do_GET(self):
+        url = urlsplit(self.path)
+        api = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/(revision|tree)/([^/]+)(/.*)?", url.path)
+        resolve = re.fullmatch(r"/datasets/[^/]+/[^/]+/resolve/[^/]+/(.+)", url.path)
+        if api and api.group(2) == "revision":
+            self.send(json.dumps({"id": api.group(1), "sha": "0" * 40, "private": False}).encode())
+        elif api:  # the tree, always recursive: enough for glob
+            prefix = unquote((api.group(4) or "/")[1:])
+            tree = [
+                {"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                for p, b in self.files.items()
+                if p.startswith(prefix)
+            ]
+            folders = {p.rsplit("/", 1)[0] for p in self.files if "/" in p and p.startswith(prefix)}
+            tree += [{"type": "directory", "path": f, "oid": "0" * 40} for f in folders - {prefix}]
+            self.send(json.dumps(tree).encode())
+        elif resolve and unquote(resolve.group(1)) in self.files:
+            data = self.files[unquote(resolve.group(1))]
+            self.downloads.append(unquote(resolve.group(1)))
+            start, end = 0, len(data) - 1
+            if rng := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("range", "")):
+                start, end = int(rng.group(1)), min(int(rng.group(2) or end), end)
+            self.send(data[start : end + 1], 206 if self.headers.get("range") else 200)
+        else:
+            self.send(b"{}", 404)
+
+    def send(self, body: bytes, status: int = 200):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_hugging_face_dataset_id_is_read_by_ray_tasks_through_hf_filesystem(ray_local, monkeypatch):
+    import huggingface_hub.constants
+
+    shards = sorted(Path(SAMPLE_SHARDS).glob("*.tar"))
+    StandInHub.files = {f"data/{p.name}": p.read_bytes() for p in shards} | {"README.md": b"# x"}
+    StandInHub.downloads = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StandInHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_port}"
+    # The driver talks to the stand-in (as HF_ENDPOINT would make it); offline mode blocks all HTTP.
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    template = f"{endpoint}/{{repo_id}}/resolve/{{revision}}/{{filename}}"
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    # The read tasks get a dead default endpoint: they must use the one the filesystem carries.
+    worker_env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    try:
+        ds = read_images("someone/blip3o-stand-in", runtime_env={"env_vars": worker_env}).materialize()
+    finally:
+        server.shutdown()
+        server.server_close()
+    rows = ds.take_all()
+    assert sorted(r["id"] for r in rows) == sorted(
+        r["id"] for r in read_images(f"{SAMPLE_SHARDS}/*.tar").take_all()
+    )
+    assert all(decode_image(r["image_bytes"]).size == (320, 240) for r in rows)
+    # Read by Ray tasks, a shard each at least, from the stand-in: not streamed through the driver.
+    assert read_tasks(ds) >= NUM_SHARDS and set(StandInHub.downloads) == set(StandInHub.files) - {"README.md"}

@@ -1,14 +1,22 @@
 """The GPU preset's engine output settings, run for real on CPU with the tiny model.
 
 The GPU preset tokenizes and detokenizes in Ray Data LLM's own stages and tells the engine not to
-detokenize (detokenize=False) and to return each request once, finished (FINAL_ONLY). If the
-detokenize stage were off, or the settings didn't reach the engine, captions would come back empty
-or token counts would be wrong: this runs that configuration on the smoke preset's engine.
+detokenize (detokenize=False) and to return each request once, finished (FINAL_ONLY). The first
+test runs that configuration on the smoke preset's engine: the captions come from Ray's detokenize
+stage (with that stage off they come back empty: the engine honours detokenize=False). Ray's
+vLLM stage returns only the finished output whatever the output kind, so FINAL_ONLY can't be seen
+in the results: the second test checks the SamplingParams that stage builds from the rows.
 """
 
 import dataclasses
 
 import ray
+import vllm
+from conftest import encode
+from PIL import Image
+from ray.llm._internal.batch.processor.base import Processor
+from ray.llm._internal.batch.stages.common import maybe_convert_ndarray_to_list
+from vllm.sampling_params import RequestOutputKind
 
 from helpers.data import read_images
 from helpers.pipeline import build_caption_processor, caption, processor_config, row_kwargs
@@ -39,7 +47,21 @@ def test_separate_detokenize_stage_with_final_only_output_gives_full_captions():
         assert isinstance(r["caption"], str) and r["caption"].strip(), r  # text from Ray's stage
 
 
-def test_engine_replicas_are_a_fixed_pool_started_at_once():
+def test_the_engine_stage_builds_final_only_no_detokenize_sampling_params(ray_local):
+    preset = get_preset(smoke_test=False)
+    config = processor_config(preset, resolve_model("tiny"))
+    processor = build_caption_processor(config, model_name="tiny", **row_kwargs(preset))
+    image = encode(Image.new("RGB", (64, 48), "blue"), "JPEG")
+    # The processor's own preprocess, run by Ray Data: the rows cross blocks as on the way to vLLM.
+    rows = ray.data.from_items([{"id": "a", "image_bytes": image}]).map(processor.preprocess).take_all()
+    sampling_params = rows[0][Processor.DATA_COLUMN]["sampling_params"]
+    # As Ray Data LLM's vLLM stage does (vllm_engine_stage.py, _prepare_llm_request).
+    params = vllm.SamplingParams(**maybe_convert_ndarray_to_list(sampling_params))
+    assert params.output_kind == RequestOutputKind.FINAL_ONLY and params.detokenize is False
+
+
+# Config only: a fixed pool (min == max) is what makes Ray start every replica at once.
+def test_engine_replicas_are_configured_as_a_fixed_pool():
     config = processor_config(get_preset(smoke_test=False), "Qwen/Qwen2.5-VL-3B-Instruct", concurrency=3)
     pool = config.get_concurrency(autoscaling_enabled=True)  # what Ray Data LLM asks of Ray Data
     assert pool.get("size", pool.get("min_size")) == 3 and pool.get("max_size", 3) == 3, pool
