@@ -399,6 +399,9 @@ STARTUP_MARKS = (
     ("cuda_graphs_captured", r"Graph capturing finished", True),
     ("engine_ready", r"init engine \(profile, create kv cache, warmup model\) took", True),
     ("engine_actor_ready", r"Max pending requests is set to", True),
+    # The vision encoder's first real batch: vLLM 0.26 warns when its rotary kernel is first
+    # compiled (or loaded) after warm-up, which its profiling run doesn't cover.
+    ("first_vision_kernel", r"JIT compilation during inference: rotary_kernel", True),
 )
 # Durations vLLM reports itself (seconds).
 VLLM_REPORTED = (
