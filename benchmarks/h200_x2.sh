@@ -9,7 +9,8 @@
 #                                         cluster: GPU A the preset on a fresh machine (cold), the
 #                                         preset with enforce_eager, the preset again (warm); GPU B
 #                                         the original settings twice (cold, warm); py-spy at steady
-#                                         state of the eager and the warm runs. Run first after the
+#                                         state of the eager and the warm runs, py-spy dumps after
+#                                         the cold run's first request. Run first after the
 #                                         kit's install (it waits for the install's compileall).
 #                                         2026-11-30: GPU A's third run did not fit in the call
 #   bash benchmarks/h200_x2.sh steady     the preset (GPU A) beside $STEADY_B (GPU B), 3 runs each,
@@ -86,6 +87,21 @@ profile_at() {
   done
   wait
 }
+# py-spy dumps of every engine-core process and its engine actor, 5, 10 and 15 s after LOG shows
+# vLLM's first request: what the ~24 s before the vision encoder's first kernel are spent on.
+dump_after_first_request() {
+  local log=$1 d="$L/prof/$2" pids
+  for _ in $(seq 400); do grep -q "Passing raw prompts to InputProcessor" "$log" 2>/dev/null && break; sleep 1; done
+  grep -q "Passing raw prompts to InputProcessor" "$log" 2>/dev/null || return
+  mkdir -p "$d"
+  for k in 1 2 3; do
+    sleep 5
+    pids=$(pgrep -f "EngineCore|spawn_main")
+    for pid in $pids $(for p in $pids; do ps -o ppid= -p "$p"; done | sort -u); do
+      py-spy dump --pid "$pid" > "$d/dump-$k-$pid.txt" 2>&1
+    done
+  done
+}
 summary() {
   python3 - "$OUT/results.jsonl" <<'PY'
 import json, sys
@@ -128,8 +144,10 @@ startup)
   p1=$!
   profile_at "$L/logs/pipeline-warm-preset-0.log" warm-preset &
   p2=$!
+  dump_after_first_request "$L/logs/pipeline-cold-preset-0.log" first-request &
+  p3=$!
   wait $pa $pb
-  kill $p1 $p2 2>/dev/null
+  kill $p1 $p2 $p3 2>/dev/null
   finish startup ;;
 steady)
   B=${STEADY_B:-eager}
