@@ -90,7 +90,7 @@ PRESETS: dict[str, Preset] = {
         },
         # vLLM's compile cache (torch.compile and Triton kernels) where every node of the cluster
         # finds it: on Anyscale /mnt/cluster_storage, so a new node starts warm (on an H200 the
-        # engine's init took 57 s without the cache, 9-15 s with it). Elsewhere vLLM keeps it in
+        # engine's init took 57 s without the cache, 9-16 s with it). Elsewhere vLLM keeps it in
         # ~/.cache/vllm on each node: warm from the second start on that node.
         env_vars=(
             {
