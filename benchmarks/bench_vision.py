@@ -17,7 +17,10 @@ The workload is fixed so figures compare across runs: 225x225 images (64 image t
 tutorial's prompt, temperature 0.3, exactly --max-tokens output tokens per image
 (ignore_eos=True; every request is checked). With --dummy the weights are random
 (load_format="dummy"): the compute is real, the captions are meaningless.
-Prints one JSON line per run and appends them to --out.
+Prints one JSON line per run and appends them to --out. Each run's log is written as it comes,
+each line prefixed with its arrival time; each record gets `startup_breakdown` (when each start-up
+phase ended, seconds from t0, from Ray's and vLLM's own log lines: see STARTUP_MARKS),
+`startup_vllm_reported` (vLLM's own durations) and `engine_stats` (vLLM's Running/Waiting counts).
 """
 
 from __future__ import annotations
