@@ -17,7 +17,10 @@ The workload is fixed so figures compare across runs: 225x225 images (64 image t
 tutorial's prompt, temperature 0.3, exactly --max-tokens output tokens per image
 (ignore_eos=True; every request is checked). With --dummy the weights are random
 (load_format="dummy"): the compute is real, the captions are meaningless.
-Prints one JSON line per run and appends them to --out.
+Prints one JSON line per run and appends them to --out. Each run's log is written as it comes,
+each line prefixed with its arrival time; each record gets `startup_breakdown` (when each start-up
+phase ended, seconds from t0, from Ray's and vLLM's own log lines: see STARTUP_MARKS),
+`startup_vllm_reported` (vLLM's own durations) and `engine_stats` (vLLM's Running/Waiting counts).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -57,6 +61,13 @@ def parse_args(argv=None):
         "--cumulative",
         action="store_true",
         help="the engine's default output (an update per token, engine-side detokenize), for comparison",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for the engine, added to the preset's env_vars; repeatable",
     )
     p.add_argument("--label", default="", help="a name for this configuration in the JSON lines")
     p.add_argument("--repeat", type=int, default=1, help="run each configuration this many times")
@@ -135,15 +146,28 @@ def settings(args, run: str):
         preset = dataclasses.replace(preset, max_concurrent_batches=args.max_concurrent_batches)
     if run == "fp8":
         engine_kwargs["quantization"] = "fp8"
+    env_vars = dict(preset.env_vars)
     if run == "original":
         keep = ("max_model_len", "limit_mm_per_prompt", "dtype", "enforce_eager", "seed")
         engine_kwargs = {k: v for k, v in preset.engine_kwargs.items() if k in keep}
         batch_size, concurrency = 16, 1
         preset = dataclasses.replace(preset, max_concurrent_batches=8, separate_tokenizer_stages=True)
+        # The tutorial set no environment (on CPU the smoke preset's stays: it needs it to run).
+        env_vars = env_vars if args.smoke else {}
+    env_vars.update(kv.split("=", 1) for kv in args.env)
     if args.dummy:
         engine_kwargs["load_format"] = "dummy"
-    preset = dataclasses.replace(preset, max_tokens=args.max_tokens, engine_kwargs=engine_kwargs)
+    preset = dataclasses.replace(
+        preset, max_tokens=args.max_tokens, engine_kwargs=engine_kwargs, env_vars=env_vars
+    )
     return preset, batch_size, concurrency
+
+
+def phase(name: str) -> float:
+    """Mark the end of a phase in the run's log (the parent reads it back); returns the time."""
+    now = time.time()
+    print(f"PHASE {name} {now:.3f}", flush=True)
+    return now
 
 
 def read_rows(shards: str) -> list[dict]:
@@ -213,6 +237,8 @@ def run_engine_async(args, shards: str) -> dict:
                 final = None
                 async for output in engine.generate(request, params, str(i)):
                     final = output
+            if not finished:
+                phase("first_output")
             finished.append(time.time())
             tokens.append(len(final.outputs[0].token_ids))
             if len(finished) % 1000 == 0:
@@ -224,7 +250,7 @@ def run_engine_async(args, shards: str) -> dict:
             engine.shutdown()
         return finished, tokens
 
-    t0 = time.time()
+    t0 = phase("t0")
     finished, tokens = asyncio.run(generate_all())
     first, done = min(finished), max(finished)
     return {
@@ -252,7 +278,7 @@ def run_engine(args, shards: str) -> dict:
     preset, _, _ = settings(args, "engine")
     os.environ.update(preset.env_vars)
     rows = read_rows(shards)
-    t0 = time.time()
+    t0 = phase("t0")
     requests = [preprocess(r, image_size=preset.image_size, final_only=False) for r in rows]
     llm = LLM(model=resolve_model(args.model or preset.model), **preset.engine_kwargs)
     started = time.time()
@@ -279,9 +305,10 @@ def run_pipeline(args, shards: str, run: str) -> dict:
     from helpers.presets import resolve_model
 
     preset, batch_size, concurrency = settings(args, run)
-    t0 = time.time()
+    t0 = phase("t0")
     model_name = args.model or preset.model
     ray.init(runtime_env=preset.runtime_env(), **preset.ray_init_kwargs)
+    phase("ray_up")
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = processor_config(
         preset, resolve_model(model_name), batch_size=batch_size, concurrency=concurrency
@@ -297,7 +324,7 @@ def run_pipeline(args, shards: str, run: str) -> dict:
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         now = time.time()
         if first is None:
-            first, first_rows = now, batch.num_rows
+            first, first_rows = phase("first_output"), batch.num_rows
         tokens.extend(batch.column("num_generated_tokens").to_pylist())
         errors = [e for e in batch.column("error").to_pylist() if e]
         assert not errors, errors[:3]
@@ -359,6 +386,101 @@ def one(args) -> None:
     print("RESULT " + json.dumps(record, default=str), flush=True)
 
 
+# Start-up phases, each taken from the first log line that marks its end: Ray's and vLLM's own
+# lines (vLLM 0.26 and 0.29 log the same words), forwarded to the driver and timed as they arrive
+# (within about a second of when they were written), or the run's own PHASE marks.
+# Engine lines only: those of the engine actor or the engine-core process, or any line when the
+# engine runs in the benchmark's own process (no Ray prefix).
+STARTUP_MARKS = (
+    ("dataset_started", r"Starting execution of Dataset", False),
+    ("engine_actor_started", r"Downloading model and tokenizer|Excluding safetensors files", True),
+    ("vllm_imported", r"Resolved architecture", True),  # the engine's config: vllm imported
+    ("engine_core_up", r"Initializing a V1 LLM engine", True),  # the engine-core process
+    ("weights_loaded", r"Model loading took", True),
+    ("torch_compile_done", r"torch\.compile (?:took|takes) [\d.]+ s in total", True),
+    ("kv_cache_allocated", r"GPU KV cache size", True),
+    ("cuda_graphs_captured", r"Graph capturing finished", True),
+    ("engine_ready", r"init engine \(profile, create kv cache, warmup model\) took", True),
+    ("engine_actor_ready", r"Max pending requests is set to", True),
+    # The vision encoder's first real batch: vLLM 0.26 warns when its rotary kernel is first
+    # compiled (or loaded) after warm-up, which its profiling run doesn't cover.
+    ("first_vision_kernel", r"JIT compilation during inference: rotary_kernel", True),
+)
+# Durations vLLM reports itself (seconds).
+VLLM_REPORTED = (
+    ("weights_load_s", r"Loading weights took ([\d.]+) seconds"),
+    ("model_load_s", r"Model loading took [\d.]+ GiB(?: memory)? and ([\d.]+) seconds"),
+    ("dynamo_transform_s", r"Dynamo bytecode transform time: ([\d.]+) s"),
+    ("torch_compile_s", r"torch\.compile (?:took|takes) ([\d.]+) s in total"),
+    ("graph_capture_s", r"Graph capturing finished in ([\d.]+) secs"),
+    ("init_engine_s", r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"),
+    ("kv_cache_gib", r"Available KV cache memory: ([\d.]+) GiB"),
+    ("kv_cache_tokens", r"GPU KV cache size: ([\d,]+) tokens"),
+)
+BATCH_DONE = re.compile(r"\[vLLM\] Elapsed time for batch \w+ with size \d+: ([\d.]+)")
+STATS = re.compile(
+    r"Avg generation throughput: ([\d.]+) tokens/s, Running: (\d+) reqs, Waiting: (\d+) reqs"
+    r"(?:.*?GPU KV cache usage: ([\d.]+)%)?"
+)
+
+
+def _engine_line(line: str) -> bool:
+    return "vLLMEngineStageUDF" in line or "EngineCore" in line or not re.match(r"\(\S+.* pid=\d+", line)
+
+
+def startup_breakdown(lines: list[tuple[float, str]]) -> dict:
+    """`startup_breakdown` (phase -> seconds from the run's t0 to the phase's end, in order),
+    `startup_vllm_reported` (vLLM's own durations), `engine_stats` (vLLM's Running/Waiting counts
+    and generation rate over the steady window), from a run's log as (arrival time, line)."""
+    marks = {}
+    for _, line in lines:
+        m = re.search(r"PHASE (\w+) ([\d.]+)", line)
+        if m:
+            marks.setdefault(m.group(1), float(m.group(2)))
+    t0 = marks.get("t0")
+    if t0 is None:
+        return {}
+    found, reported, batch_starts, stats = {}, {}, [], []
+    for arrived, line in lines:
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # Ray colours its prefixes
+        for name, pattern, engine_only in STARTUP_MARKS:
+            if name not in found and (not engine_only or _engine_line(line)) and re.search(pattern, line):
+                found[name] = arrived
+        for name, pattern in VLLM_REPORTED:
+            m = re.search(pattern, line)
+            if m and name not in reported:
+                reported[name] = float(m.group(1).replace(",", ""))
+        m = BATCH_DONE.search(line)
+        if m:
+            batch_starts.append(arrived - float(m.group(1)))
+        m = STATS.search(line)
+        if m and "first_output" in marks and arrived > marks["first_output"]:
+            stats.append([float(x) if x is not None else None for x in m.groups()])
+    if batch_starts:
+        found["first_batch_in"] = min(batch_starts)  # when the engine's first batch arrived
+    for name in ("ray_up", "first_output"):
+        if name in marks:
+            found[name] = marks[name]
+    breakdown = dict(sorted(((k, round(v - t0, 1)) for k, v in found.items()), key=lambda kv: kv[1]))
+    out = {"startup_breakdown": breakdown, "startup_vllm_reported": reported}
+    if stats:
+        import statistics
+
+        def med(i):
+            values = [row[i] for row in stats if row[i] is not None]
+            return round(statistics.median(values), 1) if values else None
+
+        out["engine_stats"] = {
+            "samples": len(stats),  # vLLM's stat lines after the first output (one per finished batch)
+            "running_median": med(1),
+            "running_max": max(row[1] for row in stats),
+            "waiting_median": med(2),
+            "generation_tokens_per_s_median": med(0),
+            "kv_cache_usage_pct_max": max((row[3] for row in stats if row[3] is not None), default=None),
+        }
+    return out
+
+
 def device() -> str:
     try:
         return (
@@ -374,6 +496,26 @@ def device() -> str:
         )
     except OSError:
         return "cpu"
+
+
+def run_logged(cmd: list[str], log: Path) -> tuple[int, list[tuple[float, str]]]:
+    """Run a child, each output line to its log as it comes, prefixed with the seconds since the
+    child started (Ray forwards the workers' lines, so this times the engine's phases too)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+    timed = []
+    start = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env
+        )
+        for line in proc.stdout:
+            now = time.time()
+            line = line.rstrip("\n")
+            timed.append((now, line))
+            f.write(f"{now - start:8.2f}| {line}\n")
+            f.flush()
+        proc.wait()
+    return proc.returncode, timed
 
 
 def main(args) -> list[dict]:
@@ -401,14 +543,14 @@ def main(args) -> list[dict]:
         for attempt in range(args.repeat):
             cmd = [sys.executable, __file__, *forward, "--one", run]
             log = logdir / f"{run}{'-' + args.label if args.label else ''}-{attempt}.log"
-            with open(log, "w") as f:
-                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
-            output = log.read_text(errors="replace")
-            lines = [ln for ln in output.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
+            returncode, timed = run_logged(cmd, log)
+            output = "\n".join(line for _, line in timed)
+            lines = [ln for _, ln in timed if ln.startswith("RESULT ")]
+            if returncode or not lines:
                 record = {"run": run, "error": output[-2000:]}
             else:
                 record = json.loads(lines[-1][len("RESULT ") :])
+                record.update(startup_breakdown(timed))
             record = {**common, "attempt": attempt, **record}
             print(json.dumps(record, default=str), flush=True)
             records.append(record)

@@ -1,52 +1,203 @@
 #!/bin/bash
 # The device runs behind benchmarks/results/*-h200x2-*.jsonl, on nvidia-h200-x2 once the kit of
-# ../shared/device/README.md is staged and installed. One step per device call:
-#   bash benchmarks/h200_x2.sh tenk       ours and the original settings, 10,000 images each, side
-#                                         by side (one GPU each, one Ray cluster), same moment
-#   bash benchmarks/h200_x2.sh scale      ours with two engine replicas (one per GPU), 20,000 images
-#   bash benchmarks/h200_x2.sh tune       the preset (GPU A) beside 1,024 sequences in flight on the
-#                                         engine (GPU B), N=6144 each, one Ray cluster
-#   bash benchmarks/h200_x2.sh yardstick  vLLM AsyncLLM alone (GPU 0) beside ours with the engine's
-#                                         default per-token output (GPU 1), 10,000 images each
-# Logs and JSON lines land in $OUT.
+# ../shared/device/README.md is staged and installed. The install call ends with
+#   ...run_step.sh check; setsid bash -c 'python3 -m compileall -q -j 32 /tmp/site \
+#     > /tmp/compileall.log 2>&1; touch /tmp/compileall.done' > /dev/null 2>&1 < /dev/null &
+# (bytecode for the kit, which installs with --no-compile, as a pip-installed image has it).
+# One step per device call:
+#   bash benchmarks/h200_x2.sh startup    start-up cold and warm, side by side, N=4096 each, one Ray
+#                                         cluster: GPU A the preset on a fresh machine (cold), the
+#                                         preset with enforce_eager, the preset again (warm); GPU B
+#                                         the original settings twice (cold, warm); py-spy at steady
+#                                         state of the eager and the warm runs, py-spy dumps after
+#                                         the cold run's first request. Run first after the
+#                                         kit's install (it waits for the install's compileall).
+#                                         2026-11-30: GPU A's third run did not fit in the call
+#   bash benchmarks/h200_x2.sh steady     the preset (GPU A) beside $STEADY_B (GPU B), 3 runs each,
+#                                         N=6144 (2026-11-30, STEADY_B=oldpreset: 2 runs each fit)
+#   bash benchmarks/h200_x2.sh tenk       ours ($TENK_A) and the original settings, 10,000 images
+#                                         each, side by side (one GPU each, one Ray cluster), both
+#                                         with warm compile caches when run after `startup` on the
+#                                         same machine; then GPU A: $FILL_A, N=4096 (about 400 s)
+#   bash benchmarks/h200_x2.sh scale      ours with two engine replicas (one per GPU), 2N images
+#   bash benchmarks/h200_x2.sh fp8        the preset with quantization=fp8 (GPU A) beside bf16 (GPU B)
+#                                         (needs the compressed-tensors and loguru wheels in .whl)
+#   bash benchmarks/h200_x2.sh notebook   the unmodified notebook with the GPU preset, random weights
+#                                         (carry .nbtools: run_notebook_cells.py, make_random_weights.py)
+#   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
+# Variants are engine kwargs in JSON, merged into the preset's: eager, nocompile, seqs2048.
+# Carry .device/kit (and .whl: py-spy for the profile). Every log lands in $OUT/logs.tgz, the JSON
+# lines in $OUT/results.jsonl; a summary table is printed last.
 set -u
 source .device/kit/env.sh
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT/logs"
+L=/tmp/runlogs/$1
+mkdir -p "$OUT" "$L/logs" "$L/prof"
+START=$(date +%s)
+DEADLINE_S=${DEADLINE_S:-555}  # the call's limit is 600 s: stop runs in time to pack the logs
 N=${N:-10000}
-bench() { python3 benchmarks/bench_vision.py --model "$MODEL_DIR" --dummy --logdir "$OUT/logs" --out "$OUT/results.jsonl" "$@"; }
+# --upgrade: the kit already made /tmp/site/bin, and pip --target skips folders that exist (without
+# it py-spy's binary never arrived: the 2026-11-30 profiles came back empty).
+if [ -d .whl ] && [ ! -x /tmp/site/bin/py-spy ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PATH=/tmp/site/bin:$PATH
+SIZES='[1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024]'
+declare -A VARIANT=(
+  [preset]='{}'
+  [eager]='{"enforce_eager": true}'
+  [nocompile]="{\"compilation_config\": {\"mode\": 0, \"cudagraph_mode\": \"FULL_DECODE_ONLY\", \"cudagraph_capture_sizes\": $SIZES}}"
+  [seqs2048]="{\"max_num_seqs\": 2048, \"compilation_config\": {\"cudagraph_capture_sizes\": ${SIZES%]}, 1280, 1536, 1792, 2048]}}"
+  [oldpreset]='{"compilation_config": {"max_cudagraph_capture_size": 1024}}'
+)
+left() { local s=$((START + DEADLINE_S - $(date +%s))); echo $((s > 1 ? s : 1)); }
+bench() {
+  timeout -s KILL "$(left)" python3 benchmarks/bench_vision.py --model "$MODEL_DIR" --dummy \
+    --logdir "$L/logs" --out "$OUT/results.jsonl" "$@"
+}
+benchv() {  # bench with a named variant's engine kwargs (and 48 batches in flight for seqs2048)
+  local v=$1 extra=()
+  shift
+  [ "$v" = seqs2048 ] && extra=(--max-concurrent-batches 48)
+  bench "$@" --engine-kwargs "${VARIANT[$v]}" "${extra[@]}"
+}
 ray_cli() { python3 -m ray.scripts.scripts "$@"; }
 # One Ray cluster over both GPUs for two drivers side by side (Ray's own start is in neither figure).
 cluster_up() {
-  ray_cli start --head --num-gpus 2 --include-dashboard=false --disable-usage-stats > "$OUT/ray_start.log" 2>&1
+  ray_cli start --head --num-gpus 2 --include-dashboard=false --disable-usage-stats > "$L/ray_start.log" 2>&1
   export RAY_ADDRESS=auto
 }
 cluster_down() { ray_cli stop --force > /dev/null 2>&1; }
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpus.csv"
-case "$1" in
-tenk)
-  cluster_up
-  bench -n "$N" --runs original --workdir /tmp/bw_orig --label tenk > "$OUT/original.txt" 2>&1 &
-  bench -n "$N" --runs pipeline --workdir /tmp/bw_pipe --label tenk > "$OUT/pipeline.txt" 2>&1 &
+# py-spy (dump, then 10 s of samples, idle threads too) of every engine-core process and its
+# parent, the engine actor, once LOG shows 2,000 rows out; nvidia-smi's view of both GPUs meanwhile.
+profile_at() {
+  local log=$1 d="$L/prof/$2" pids
+  for _ in $(seq 500); do grep -qE "PROGRESS ([2-9][0-9]{3}|[0-9]{5}) rows" "$log" 2>/dev/null && break; sleep 1; done
+  grep -qE "PROGRESS ([2-9][0-9]{3}|[0-9]{5}) rows" "$log" 2>/dev/null || return
+  mkdir -p "$d"
+  date +%s > "$d/at"
+  ps -eo pid,ppid,etimes,pcpu,rss,args --sort=-pcpu | cut -c1-220 > "$d/ps.txt"
+  nvidia-smi --query-compute-apps=pid,gpu_bus_id,used_memory --format=csv > "$d/apps.csv" 2>&1
+  nvidia-smi --query-gpu=index,pci.bus_id,utilization.gpu,memory.used --format=csv > "$d/gpus.csv" 2>&1
+  nvidia-smi dmon -s u -c 12 > "$d/dmon.txt" 2>&1 &
+  pids=$(pgrep -f "EngineCore|spawn_main")
+  for pid in $pids $(for p in $pids; do ps -o ppid= -p "$p"; done | sort -u); do
+    py-spy dump --pid "$pid" > "$d/dump-$pid.txt" 2>&1
+    timeout 40 py-spy record --pid "$pid" -d 10 -r 100 --idle --format raw -o "$d/rec-$pid.txt" > "$d/rec-$pid.log" 2>&1 &
+  done
   wait
-  cluster_down ;;
+}
+# py-spy dumps of every engine-core process and its engine actor, 5, 10 and 15 s after LOG shows
+# vLLM's first request: what the ~24 s before the vision encoder's first kernel are spent on.
+dump_after_first_request() {
+  local log=$1 d="$L/prof/$2" pids
+  for _ in $(seq 400); do grep -q "Passing raw prompts to InputProcessor" "$log" 2>/dev/null && break; sleep 1; done
+  grep -q "Passing raw prompts to InputProcessor" "$log" 2>/dev/null || return
+  mkdir -p "$d"
+  for k in 1 2 3; do
+    sleep 5
+    pids=$(pgrep -f "EngineCore|spawn_main")
+    for pid in $pids $(for p in $pids; do ps -o ppid= -p "$p"; done | sort -u); do
+      py-spy dump --pid "$pid" > "$d/dump-$k-$pid.txt" 2>&1
+    done
+  done
+}
+summary() {
+  python3 - "$OUT/results.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if "error" in r:
+        print(r.get("label"), r["run"], r["attempt"], "ERROR", r["error"][-600:].replace("\n", " | "))
+        continue
+    b = r.get("startup_breakdown", {})
+    e = r.get("engine_stats", {})
+    print(f"{r['label']:>14} {r['run']:>8} #{r['attempt']} n={r['images']} ok={r['tokens_ok']} start={r['startup_s']} "
+          f"steady={r['steady_images_per_s']} e2e={r['e2e_images_per_s']} ({r['e2e_s']} s) "
+          f"run/wait={e.get('running_median')}/{e.get('waiting_median')} kv={e.get('kv_cache_usage_pct_max')}")
+    print("      " + " ".join(f"{k}={v}" for k, v in b.items()))
+    print("      " + " ".join(f"{k}={v}" for k, v in r.get("startup_vllm_reported", {}).items()))
+PY
+}
+finish() {
+  cluster_down
+  tar czf "$OUT/logs.tgz" -C /tmp/runlogs "$1" 2>/dev/null
+  summary
+  echo "step $1 took $(($(date +%s) - START)) s"
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$L/gpus.csv"
+case "$1" in
+startup)
+  # Python bytecode for the kit, as a pip-installed image has it (run_step.sh installs with
+  # --no-compile): started in the background at install; wait for it here.
+  for _ in $(seq 120); do [ -e /tmp/compileall.done ] && break; sleep 1; done
+  cluster_up
+  {
+    bench -n 4096 --runs pipeline --workdir /tmp/bw_a --label cold-preset
+    benchv eager -n 4096 --runs pipeline --workdir /tmp/bw_a --label eager
+    bench -n 4096 --runs pipeline --workdir /tmp/bw_a --label warm-preset
+  } > "$L/a.txt" 2>&1 &
+  pa=$!
+  bench -n 4096 --runs original --repeat 2 --workdir /tmp/bw_b --label startup > "$L/b.txt" 2>&1 &
+  pb=$!
+  profile_at "$L/logs/pipeline-eager-0.log" eager &
+  p1=$!
+  profile_at "$L/logs/pipeline-warm-preset-0.log" warm-preset &
+  p2=$!
+  dump_after_first_request "$L/logs/pipeline-cold-preset-0.log" first-request &
+  p3=$!
+  wait $pa $pb
+  kill $p1 $p2 $p3 2>/dev/null
+  finish startup ;;
+steady)
+  B=${STEADY_B:-eager}
+  cluster_up
+  bench -n 6144 --runs pipeline --repeat 3 --workdir /tmp/bw_a --label steady-preset > "$L/a.txt" 2>&1 &
+  benchv "$B" -n 6144 --runs pipeline --repeat 3 --workdir /tmp/bw_b --label "steady-$B" > "$L/b.txt" 2>&1 &
+  wait
+  finish steady ;;
+tenk)
+  A=${TENK_A:-preset}
+  cluster_up
+  {
+    benchv "$A" -n "$N" --runs pipeline --workdir /tmp/bw_a --label "tenk-$A"
+    [ -n "${FILL_A:-}" ] && benchv "$FILL_A" -n 4096 --runs pipeline --workdir /tmp/bw_a --label "$FILL_A"
+  } > "$L/a.txt" 2>&1 &
+  bench -n "$N" --runs original --workdir /tmp/bw_b --label tenk > "$L/b.txt" 2>&1 &
+  wait
+  finish tenk ;;
 scale)
-  bench -n $((2 * N)) --runs pipeline --concurrency 2 --workdir /tmp/bw_scale --label scale2 > "$OUT/scale.txt" 2>&1 ;;
+  bench -n $((2 * N)) --runs pipeline --concurrency 2 --workdir /tmp/bw_scale --label scale2 > "$L/scale.txt" 2>&1
+  finish scale ;;
+fp8)
+  cluster_up
+  bench -n 6144 --runs fp8 --workdir /tmp/bw_a --label fp8 > "$L/a.txt" 2>&1 &
+  bench -n 6144 --runs pipeline --workdir /tmp/bw_b --label bf16 > "$L/b.txt" 2>&1 &
+  wait
+  finish fp8 ;;
+notebook)
+  # The notebook reads real files: a model folder with random weights as safetensors, local shards.
+  python3 .nbtools/make_random_weights.py "$MODEL_DIR" /tmp/model/rand3b > "$L/weights.log" 2>&1
+  python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_vision as b; b.make_shards(__import__('pathlib').Path('/tmp/shards'), 4096)"
+  SMOKE_TEST=0 MODEL=/tmp/model/rand3b DATASET='/tmp/shards/*.tar' NUM_IMAGES=4096 \
+    SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=2 OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
+    timeout -s KILL "$(left)" python3 .nbtools/run_notebook_cells.py llm_batch_inference_vision.ipynb > "$L/notebook.txt" 2>&1
+  grep -h "=== CELL\|NB_OK" "$L/notebook.txt" | grep -v "start t=" | tail -40
+  finish notebook ;;
 tune)
   cluster_up
-  bench -n 6144 --runs pipeline --workdir /tmp/bw_a --label tune-preset > "$OUT/tune_a.txt" 2>&1 &
+  bench -n 6144 --runs pipeline --workdir /tmp/bw_a --label tune-preset > "$L/tune_a.txt" 2>&1 &
   bench -n 6144 --runs pipeline --workdir /tmp/bw_b --label tune-1024 --max-concurrent-batches 32 \
     --engine-kwargs '{"max_num_seqs": 1024, "compilation_config": {"max_cudagraph_capture_size": 1024}}' \
-    > "$OUT/tune_b.txt" 2>&1 &
+    > "$L/tune_b.txt" 2>&1 &
   wait
-  cluster_down ;;
+  finish tune ;;
 yardstick)
   CUDA_VISIBLE_DEVICES=0 bench -n "$N" --runs engine_async --workdir /tmp/bw_async --label yardstick \
-    > "$OUT/engine_async.txt" 2>&1 &
+    > "$L/engine_async.txt" 2>&1 &
   CUDA_VISIBLE_DEVICES=1 bench -n "$N" --runs pipeline --cumulative --workdir /tmp/bw_cum --label cumulative \
-    > "$OUT/cumulative.txt" 2>&1 &
-  wait ;;
-*) echo "usage: h200_x2.sh tenk | scale | tune | yardstick"; exit 2 ;;
+    > "$L/cumulative.txt" 2>&1 &
+  wait
+  finish yardstick ;;
+*) echo "usage: h200_x2.sh startup | steady | tenk | scale | fp8 | notebook | tune | yardstick"; exit 2 ;;
 esac
-cat "$OUT/results.jsonl" 2>/dev/null | cut -c1-1500
-grep -h "PROGRESS\|Error\|error" "$OUT"/logs/*.log 2>/dev/null | tail -20
