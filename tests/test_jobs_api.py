@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("cluster")
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a limit
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -50,7 +51,7 @@ def cluster(tmp_path):
     try:
         proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        yield f"http://127.0.0.1:{dashboard}", env
+        yield f"http://127.0.0.1:{dashboard}", {**env, "GCS_ADDRESS": f"127.0.0.1:{ports['--port']}"}
     finally:
         kill_all_processes_mentioning(temp_dir)
 
@@ -70,3 +71,19 @@ def test_ray_job_submit_to_a_running_cluster_captions_every_image(cluster, tmp_p
     ids = table.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 24, log  # the 24 bundled images, each once
     assert table.column("error").null_count == 24, log
+
+
+def test_a_notebook_on_the_cluster_connects_with_the_smoke_preset(cluster):
+    # The notebook's own call, with RAY_ADDRESS set as on a cluster's notebook node: it must
+    # connect (Ray refuses the smoke preset's num_cpus when connecting) and see the cluster.
+    _, env = cluster
+    code = (
+        "import ray\n"
+        "from helpers.presets import get_preset, init_ray\n"
+        "started = init_ray(get_preset(True), log_to_driver=False, logging_level='WARNING')\n"
+        "print('started a local cluster:', started, 'CPUs:', ray.cluster_resources()['CPU'])\n"
+    )
+    env = {**env, "RAY_ADDRESS": env["GCS_ADDRESS"], "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "started a local cluster: False CPUs: 8.0" in proc.stdout
