@@ -160,7 +160,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         caption(ds, processor, model_name=model_name).write_datasink(sink)
     except Exception as e:
         traceback.print_exc()
-        committed = len(dedupe_output(args.output)[0])
+        # Count only: rewriting files here could fail again (a full disk); the rerun dedupes.
+        committed = pc.count_distinct(read_output(args.output, columns=["id"]).column("id")).as_py()
         last_line = (str(e).strip().splitlines() or [""])[-1][:500]
         print(
             f"[job] FAILED: {type(e).__name__}: {last_line}\n"
