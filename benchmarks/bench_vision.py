@@ -58,6 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=int)
     p.add_argument("--max-concurrent-batches", type=int)
     p.add_argument(
+        "--placement-group-config",
+        type=json.loads,
+        help='JSON, e.g. {"bundle_per_worker": {"GPU": 0.5, "CPU": 1}}: two engine replicas per GPU',
+    )
+    p.add_argument(
         "--cumulative",
         action="store_true",
         help="the engine's default output (an update per token, engine-side detokenize), for comparison",
@@ -144,6 +149,8 @@ def settings(args, run: str):
     batch_size, concurrency = args.batch_size or preset.batch_size, args.concurrency or preset.concurrency
     if args.max_concurrent_batches:
         preset = dataclasses.replace(preset, max_concurrent_batches=args.max_concurrent_batches)
+    if args.placement_group_config and run != "original":
+        preset = dataclasses.replace(preset, placement_group_config=args.placement_group_config)
     if run == "fp8":
         engine_kwargs["quantization"] = "fp8"
     env_vars = dict(preset.env_vars)
@@ -345,6 +352,7 @@ def run_pipeline(args, shards: str, run: str) -> dict:
             "concurrency": concurrency,
             "max_concurrent_batches": preset.max_concurrent_batches,
             "separate_tokenizer_stages": preset.separate_tokenizer_stages,
+            "placement_group_config": preset.placement_group_config,
             **out,
             "ray_address": os.environ.get("RAY_ADDRESS") or None,
         },

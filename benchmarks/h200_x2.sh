@@ -13,6 +13,10 @@
 #                                         the cold run's first request. Run first after the
 #                                         kit's install (it waits for the install's compileall).
 #                                         2026-11-30: GPU A's third run did not fit in the call
+#   bash benchmarks/h200_x2.sh probe      py-spy and nvidia-smi at steady state; the preset beside two
+#                                         replicas of it on one GPU (see the step)
+#   bash benchmarks/h200_x2.sh encoder    (not run yet) $ENC_A (mmgraph, mmcompile) beside the preset,
+#                                         3 runs each: the vision encoder compiled or graphed
 #   bash benchmarks/h200_x2.sh steady     the preset (GPU A) beside $STEADY_B (GPU B), 3 runs each,
 #                                         N=6144 (2026-11-30, STEADY_B=oldpreset: 2 runs each fit)
 #   bash benchmarks/h200_x2.sh tenk       ours ($TENK_A) and the original settings, 10,000 images
@@ -25,13 +29,17 @@
 #   bash benchmarks/h200_x2.sh notebook   the unmodified notebook with the GPU preset, random weights
 #                                         (carry .nbtools: run_notebook_cells.py, make_random_weights.py)
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
-# Variants are engine kwargs in JSON, merged into the preset's: eager, nocompile, seqs2048.
+# Variants are engine kwargs in JSON, merged into the preset's: eager, nocompile, seqs2048, mmcompile,
+# mmgraph (with an environment variable from VARIANT_ENV).
 # Carry .device/kit (and .whl: py-spy for the profile). Every log lands in $OUT/logs.tgz, the JSON
 # lines in $OUT/results.jsonl; a summary table is printed last.
 set -u
 source .device/kit/env.sh
 OUT=${OUT:-/tmp/out}
 L=/tmp/runlogs/$1
+# A fresh folder: a log left by an earlier call of the same step would set off its profiles at once
+# (it did on 2026-11-30: the second probe call's profiles ran before its engines were up).
+rm -rf "$L"
 mkdir -p "$OUT" "$L/logs" "$L/prof"
 START=$(date +%s)
 DEADLINE_S=${DEADLINE_S:-555}  # the call's limit is 600 s: stop runs in time to pack the logs
@@ -49,7 +57,13 @@ declare -A VARIANT=(
   [nocompile]="{\"compilation_config\": {\"mode\": 0, \"cudagraph_mode\": \"FULL_DECODE_ONLY\", \"cudagraph_capture_sizes\": $SIZES}}"
   [seqs2048]="{\"max_num_seqs\": 2048, \"compilation_config\": {\"cudagraph_capture_sizes\": ${SIZES%]}, 1280, 1536, 1792, 2048]}}"
   [oldpreset]='{"compilation_config": {"max_cudagraph_capture_size": 1024}}'
+  # The vision encoder, a third of the engine core's thread at steady state (probe, 2026-11-30):
+  # torch.compile'd (both vLLM versions), or captured in CUDA graphs (vLLM 0.26 only with its V1
+  # model runner: its default V2 runner ignores cudagraph_mm_encoder; vLLM 0.29's V2 runner has it).
+  [mmcompile]="{\"compilation_config\": {\"compile_mm_encoder\": true, \"cudagraph_capture_sizes\": $SIZES}}"
+  [mmgraph]="{\"compilation_config\": {\"cudagraph_mm_encoder\": true, \"cudagraph_capture_sizes\": $SIZES}}"
 )
+declare -A VARIANT_ENV=([mmgraph]=VLLM_USE_V2_MODEL_RUNNER=0)
 left() { local s=$((START + DEADLINE_S - $(date +%s))); echo $((s > 1 ? s : 1)); }
 bench() {
   timeout -s KILL "$(left)" python3 benchmarks/bench_vision.py --model "$MODEL_DIR" --dummy \
@@ -59,6 +73,7 @@ benchv() {  # bench with a named variant's engine kwargs (and 48 batches in flig
   local v=$1 extra=()
   shift
   [ "$v" = seqs2048 ] && extra=(--max-concurrent-batches 48)
+  [ -n "${VARIANT_ENV[$v]:-}" ] && extra+=(--env "${VARIANT_ENV[$v]}")
   bench "$@" --engine-kwargs "${VARIANT[$v]}" "${extra[@]}"
 }
 ray_cli() { python3 -m ray.scripts.scripts "$@"; }
@@ -68,34 +83,38 @@ cluster_up() {
   export RAY_ADDRESS=auto
 }
 cluster_down() { ray_cli stop --force > /dev/null 2>&1; }
-# py-spy (dump, then 10 s of samples, idle threads too) of every engine-core process and its
-# parent, the engine actor, once LOG shows 2,000 rows out; nvidia-smi's view of both GPUs meanwhile.
+# py-spy (dump, then 10 s of samples per thread, idle threads too) of every engine-core process and
+# its parent, the engine actor, once LOG shows ${3:-2},000 rows out; meanwhile nvidia-smi's view of both
+# GPUs and top's per-thread CPU (is a main thread at 100 %?).
 profile_at() {
-  local log=$1 d="$L/prof/$2" pids
-  for _ in $(seq 500); do grep -qE "PROGRESS ([2-9][0-9]{3}|[0-9]{5}) rows" "$log" 2>/dev/null && break; sleep 1; done
-  grep -qE "PROGRESS ([2-9][0-9]{3}|[0-9]{5}) rows" "$log" 2>/dev/null || return
+  local log=$1 d="$L/prof/$2" k=${3:-2} pids re
+  re="PROGRESS ([$k-9][0-9]{3}|[0-9]{5}) rows"
+  for _ in $(seq 500); do grep -qE "$re" "$log" 2>/dev/null && break; sleep 1; done
+  grep -qE "$re" "$log" 2>/dev/null || return
   mkdir -p "$d"
   date +%s > "$d/at"
   ps -eo pid,ppid,etimes,pcpu,rss,args --sort=-pcpu | cut -c1-220 > "$d/ps.txt"
   nvidia-smi --query-compute-apps=pid,gpu_bus_id,used_memory --format=csv > "$d/apps.csv" 2>&1
   nvidia-smi --query-gpu=index,pci.bus_id,utilization.gpu,memory.used --format=csv > "$d/gpus.csv" 2>&1
   nvidia-smi dmon -s u -c 12 > "$d/dmon.txt" 2>&1 &
+  top -b -H -n 2 -d 5 -w 250 | awk '/^top -/{n++} n==2' | head -60 > "$d/top-threads.txt" 2>&1 &
   pids=$(pgrep -f "EngineCore|spawn_main")
   for pid in $pids $(for p in $pids; do ps -o ppid= -p "$p"; done | sort -u); do
     py-spy dump --pid "$pid" > "$d/dump-$pid.txt" 2>&1
-    timeout 40 py-spy record --pid "$pid" -d 10 -r 100 --idle --format raw -o "$d/rec-$pid.txt" > "$d/rec-$pid.log" 2>&1 &
+    timeout 40 py-spy record --pid "$pid" -d 10 -r 100 --idle --threads --format raw -o "$d/rec-$pid.txt" > "$d/rec-$pid.log" 2>&1 &
   done
   wait
 }
-# py-spy dumps of every engine-core process and its engine actor, 5, 10 and 15 s after LOG shows
+# py-spy dumps of every engine-core process and its engine actor, every 3 s for 30 s after LOG shows
 # vLLM's first request: what the ~24 s before the vision encoder's first kernel are spent on.
 dump_after_first_request() {
   local log=$1 d="$L/prof/$2" pids
-  for _ in $(seq 400); do grep -q "Passing raw prompts to InputProcessor" "$log" 2>/dev/null && break; sleep 1; done
+  for _ in $(seq 500); do grep -q "Passing raw prompts to InputProcessor" "$log" 2>/dev/null && break; sleep 1; done
   grep -q "Passing raw prompts to InputProcessor" "$log" 2>/dev/null || return
   mkdir -p "$d"
-  for k in 1 2 3; do
-    sleep 5
+  for k in $(seq 10); do
+    sleep 3
+    date +%s > "$d/at-$k"
     pids=$(pgrep -f "EngineCore|spawn_main")
     for pid in $pids $(for p in $pids; do ps -o ppid= -p "$p"; done | sort -u); do
       py-spy dump --pid "$pid" > "$d/dump-$k-$pid.txt" 2>&1
@@ -149,6 +168,40 @@ startup)
   wait $pa $pb
   kill $p1 $p2 $p3 2>/dev/null
   finish startup ;;
+probe)
+  # Where the ~40 ms decode step goes, and whether a second engine on the same GPU is the lever.
+  # One Ray cluster over both GPUs (Ray fills a GPU's halves first, so the halves share one GPU):
+  # A the preset twice (cold, warm), N=6144; B the preset as two replicas on one GPU (half a GPU and
+  # 20 GiB of KV cache each), N=12288, twice. py-spy on every engine at steady state of both first
+  # runs; dumps every 3 s after the first request of A's runs (the ~24 s before the first vision kernel).
+  for _ in $(seq 120); do [ -e /tmp/compileall.done ] && break; sleep 1; done
+  cluster_up
+  TWO='{"bundle_per_worker": {"GPU": 0.5, "CPU": 1}}'
+  TWO_KW='{"gpu_memory_utilization": 0.45, "kv_cache_memory_bytes": 21474836480}'
+  bench -n 6144 --runs pipeline --repeat 2 --workdir /tmp/bw_a --label probe-preset > "$L/a.txt" 2>&1 &
+  pa=$!
+  bench -n 12288 --runs pipeline --repeat 2 --concurrency 2 --placement-group-config "$TWO" \
+    --engine-kwargs "$TWO_KW" --workdir /tmp/bw_b --label probe-2pergpu > "$L/b.txt" 2>&1 &
+  pb=$!
+  dump_after_first_request "$L/logs/pipeline-probe-preset-0.log" first-request-cold &
+  p1=$!
+  dump_after_first_request "$L/logs/pipeline-probe-preset-1.log" first-request-warm &
+  p2=$!
+  profile_at "$L/logs/pipeline-probe-preset-0.log" preset-steady 2 &
+  p3=$!
+  profile_at "$L/logs/pipeline-probe-2pergpu-0.log" 2pergpu-steady 4 &
+  p4=$!
+  wait $pa $pb
+  kill $p1 $p2 $p3 $p4 2>/dev/null
+  finish probe ;;
+encoder)
+  # Not run yet: $ENC_A (default mmgraph) on GPU A beside the preset on GPU B, 3 runs each, N=6144.
+  A=${ENC_A:-mmgraph}
+  cluster_up
+  benchv "$A" -n 6144 --runs pipeline --repeat 3 --workdir /tmp/bw_a --label "enc-$A" > "$L/a.txt" 2>&1 &
+  bench -n 6144 --runs pipeline --repeat 3 --workdir /tmp/bw_b --label enc-preset > "$L/b.txt" 2>&1 &
+  wait
+  finish encoder ;;
 steady)
   B=${STEADY_B:-eager}
   cluster_up
@@ -178,7 +231,7 @@ fp8)
 notebook)
   # The notebook reads real files: a model folder with random weights as safetensors, local shards.
   python3 .nbtools/make_random_weights.py "$MODEL_DIR" /tmp/model/rand3b > "$L/weights.log" 2>&1
-  python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_vision as b; b.make_shards(__import__('pathlib').Path('/tmp/shards'), 4096)"
+  python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_vision as b; b.make_shards(__import__('pathlib').Path('/tmp/shards'), 8192)"
   SMOKE_TEST=0 MODEL=/tmp/model/rand3b DATASET='/tmp/shards/*.tar' NUM_IMAGES=4096 \
     SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=2 OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
     timeout -s KILL "$(left)" python3 .nbtools/run_notebook_cells.py llm_batch_inference_vision.ipynb > "$L/notebook.txt" 2>&1
@@ -199,5 +252,5 @@ yardstick)
     > "$L/cumulative.txt" 2>&1 &
   wait
   finish yardstick ;;
-*) echo "usage: h200_x2.sh startup | steady | tenk | scale | fp8 | notebook | tune | yardstick"; exit 2 ;;
+*) echo "usage: h200_x2.sh startup | probe | encoder | steady | tenk | scale | fp8 | notebook | tune | yardstick"; exit 2 ;;
 esac

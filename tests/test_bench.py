@@ -24,6 +24,9 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
         str(tmp_path / "work"),
         "--out",
         str(out),
+        # The flag behind h200_x2.sh's two replicas per GPU (there {"GPU": 0.5, "CPU": 1}).
+        "--placement-group-config",
+        '{"bundle_per_worker": {"CPU": 2}}',
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -38,3 +41,5 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
     assert pipeline["batch_size"] == 8 and pipeline["final_only"] is True
     assert original["batch_size"] == 16 and original["final_only"] is False and original["detokenize"] is True
     assert "max_num_seqs" in pipeline["engine_kwargs"] and "max_num_seqs" not in original["engine_kwargs"]
+    assert pipeline["placement_group_config"] == {"bundle_per_worker": {"CPU": 2}}
+    assert original["placement_group_config"] == {"bundle_per_worker": {"CPU": 1}}  # the tutorial's
