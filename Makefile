@@ -31,7 +31,7 @@ run-gpu: ## Run the real GPU tutorial with the current python3 (pip install -r r
 job: setup ## Run the production job offline on CPU over the bundled shards; writes outputs/job/
 	$(OFFLINE) $(PY) batch_inference_vision.py --smoke --output outputs/job
 
-test: setup ## Run every test: unit, notebook (nbval), README sync, lint
+test: setup ## Run every test: unit, the notebook end to end (papermill), README sync, lint
 	bash ci/test.sh $(VENV)
 
 readme: setup ## Regenerate README.md from the notebook

@@ -309,12 +309,12 @@ def run_pipeline(args, shards: str, run: str) -> dict:
 
     from helpers.data import read_images
     from helpers.pipeline import build_caption_processor, caption, processor_config, row_kwargs
-    from helpers.presets import resolve_model
+    from helpers.presets import init_ray, resolve_model
 
     preset, batch_size, concurrency = settings(args, run)
     t0 = phase("t0")
     model_name = args.model or preset.model
-    ray.init(runtime_env=preset.runtime_env(), **preset.ray_init_kwargs)
+    init_ray(preset)  # connects when RAY_ADDRESS is set (h200_x2.sh's shared cluster)
     phase("ray_up")
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = processor_config(

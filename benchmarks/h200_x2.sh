@@ -83,11 +83,17 @@ cluster_up() {
   export RAY_ADDRESS=auto
 }
 cluster_down() { ray_cli stop --force > /dev/null 2>&1; }
+# Every engine-core process and its parent, the engine actor.
+engine_pids() {
+  local pids
+  pids=$(pgrep -f "EngineCore|spawn_main")
+  echo $pids $(for p in $pids; do ps -o ppid= -p "$p"; done | sort -u)
+}
 # py-spy (dump, then 10 s of samples per thread, idle threads too) of every engine-core process and
 # its parent, the engine actor, once LOG shows ${3:-2},000 rows out; meanwhile nvidia-smi's view of both
 # GPUs and top's per-thread CPU (is a main thread at 100 %?).
 profile_at() {
-  local log=$1 d="$L/prof/$2" k=${3:-2} pids re
+  local log=$1 d="$L/prof/$2" k=${3:-2} re
   re="PROGRESS ([$k-9][0-9]{3}|[0-9]{5}) rows"
   for _ in $(seq 500); do grep -qE "$re" "$log" 2>/dev/null && break; sleep 1; done
   grep -qE "$re" "$log" 2>/dev/null || return
@@ -98,8 +104,7 @@ profile_at() {
   nvidia-smi --query-gpu=index,pci.bus_id,utilization.gpu,memory.used --format=csv > "$d/gpus.csv" 2>&1
   nvidia-smi dmon -s u -c 12 > "$d/dmon.txt" 2>&1 &
   top -b -H -n 2 -d 5 -w 250 | awk '/^top -/{n++} n==2' | head -60 > "$d/top-threads.txt" 2>&1 &
-  pids=$(pgrep -f "EngineCore|spawn_main")
-  for pid in $pids $(for p in $pids; do ps -o ppid= -p "$p"; done | sort -u); do
+  for pid in $(engine_pids); do
     py-spy dump --pid "$pid" > "$d/dump-$pid.txt" 2>&1
     timeout 40 py-spy record --pid "$pid" -d 10 -r 100 --idle --threads --format raw -o "$d/rec-$pid.txt" > "$d/rec-$pid.log" 2>&1 &
   done
@@ -108,15 +113,14 @@ profile_at() {
 # py-spy dumps of every engine-core process and its engine actor, every 3 s for 30 s after LOG shows
 # vLLM's first request: what the ~24 s before the vision encoder's first kernel are spent on.
 dump_after_first_request() {
-  local log=$1 d="$L/prof/$2" pids
+  local log=$1 d="$L/prof/$2"
   for _ in $(seq 500); do grep -q "Passing raw prompts to InputProcessor" "$log" 2>/dev/null && break; sleep 1; done
   grep -q "Passing raw prompts to InputProcessor" "$log" 2>/dev/null || return
   mkdir -p "$d"
   for k in $(seq 10); do
     sleep 3
     date +%s > "$d/at-$k"
-    pids=$(pgrep -f "EngineCore|spawn_main")
-    for pid in $pids $(for p in $pids; do ps -o ppid= -p "$p"; done | sort -u); do
+    for pid in $(engine_pids); do
       py-spy dump --pid "$pid" > "$d/dump-$k-$pid.txt" 2>&1
     done
   done

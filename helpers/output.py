@@ -54,6 +54,17 @@ def _filesystem(path: str) -> tuple[pafs.FileSystem, str, bool]:
     return pafs.LocalFileSystem(), os.path.abspath(path), True
 
 
+def _write_atomically(fs: pafs.FileSystem, path: str, table: pa.Table, local: bool) -> None:
+    """Write (or overwrite) one Parquet file so that readers see all of it or none of it: locally
+    a hidden temporary renamed into place (atomic on POSIX); an object store's put is atomic."""
+    if local:
+        tmp = f"{os.path.dirname(path)}/{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}"
+        pq.write_table(table, tmp, filesystem=fs)
+        fs.move(tmp, path)
+    else:
+        pq.write_table(table, path, filesystem=fs)
+
+
 class AtomicParquetDatasink(Datasink):
     """Write each task's rows to one Parquet file with the output schema, committed atomically."""
 
@@ -73,13 +84,7 @@ class AtomicParquetDatasink(Datasink):
         ids = sorted(table.column("id").to_pylist())
         name = "part-" + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20] + ".parquet"
         fs, root, local = _filesystem(self.path)
-        final = f"{root}/{name}"
-        if local:
-            tmp = f"{root}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
-            pq.write_table(table, tmp, filesystem=fs)
-            fs.move(tmp, final)  # rename: atomic on POSIX filesystems
-        else:
-            pq.write_table(table, final, filesystem=fs)
+        _write_atomically(fs, f"{root}/{name}", table, local)
         return table.num_rows
 
 
@@ -111,16 +116,6 @@ def _part_files(fs: pafs.FileSystem, root: str) -> list[str]:
     )
 
 
-def _replace_file(fs: pafs.FileSystem, path: str, table: pa.Table, local: bool) -> None:
-    """Overwrite one committed file, atomically where the filesystem allows it."""
-    if local:
-        tmp = f"{os.path.dirname(path)}/{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}"
-        pq.write_table(table, tmp, filesystem=fs)
-        fs.move(tmp, path)
-    else:
-        pq.write_table(table, path, filesystem=fs)
-
-
 def dedupe_output(path: str) -> tuple[pa.Array, int]:
     """Keep each id once across the committed files; returns (the unique ids, rows removed).
 
@@ -142,7 +137,7 @@ def dedupe_output(path: str) -> tuple[pa.Array, int]:
                 if count == len(ids):
                     fs.delete_file(file)
                     continue
-                _replace_file(fs, file, pq.read_table(file, filesystem=fs).filter(keep), local)
+                _write_atomically(fs, file, pq.read_table(file, filesystem=fs).filter(keep), local)
                 ids = ids.filter(keep)
         seen.append(ids.cast(pa.string()))
     unique = pa.concat_arrays(seen) if seen else pa.array([], pa.string())

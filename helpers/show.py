@@ -15,11 +15,19 @@ GREY = (200, 200, 200)  # the tile of an image that can't be decoded
 LINE_HEIGHT = 12
 
 
+def _cell_size(thumb: int, text_lines: int) -> tuple[int, int]:
+    return thumb + 16, thumb + 16 + text_lines * LINE_HEIGHT
+
+
+def _title_height(titled: bool) -> int:
+    return 2 * LINE_HEIGHT if titled else 0
+
+
 def tile_boxes(index: int, columns: int = 4, thumb: int = 192, text_lines: int = 5, titled: bool = False):
     """(image box, text box) of tile `index` on a contact sheet, as (left, top, right, bottom).
     Separate so that a test can check what each tile shows."""
-    cell_w, cell_h = thumb + 16, thumb + 16 + text_lines * LINE_HEIGHT
-    top = 2 * LINE_HEIGHT if titled else 0
+    cell_w, cell_h = _cell_size(thumb, text_lines)
+    top = _title_height(titled)
     x, y = (index % columns) * cell_w + 8, top + (index // columns) * cell_h + 8
     text_top = y + thumb + 4
     return (x, y, x + thumb, y + thumb), (x, text_top, x + thumb + 8, text_top + text_lines * LINE_HEIGHT)
@@ -49,9 +57,9 @@ def contact_sheet(
 
     A title, if given, is written across the top (say there that random-weight captions are
     meaningless, wherever they are shown)."""
-    cell_w, cell_h = thumb + 16, thumb + 16 + text_lines * LINE_HEIGHT
+    cell_w, cell_h = _cell_size(thumb, text_lines)
     rows = max(1, -(-len(items) // columns))
-    top = 2 * LINE_HEIGHT if title else 0
+    top = _title_height(bool(title))
     sheet = Image.new("RGB", (columns * cell_w, top + rows * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
     if title:

@@ -91,17 +91,27 @@ def write_mixed_folder(root) -> dict[str, bytes]:
     return files
 
 
+def processes_mentioning(marker: str, title: str = "") -> list[int]:
+    """The processes with marker in their environment (Ray workers rewrite their command line,
+    but inherit the environment) and, if given, title in their command line."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (
+                entry.name.isdigit()
+                and marker.encode() in (entry / "environ").read_bytes()
+                and title.encode() in (entry / "cmdline").read_bytes()
+            ):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
 def kill_all_processes_mentioning(marker: str, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while True:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            try:
-                # Ray workers rewrite their command line, but inherit the environment.
-                if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
+        pids = processes_mentioning(marker)
         if not pids:
             return
         for pid in pids:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import first_sample_ids, kill_all_processes_mentioning
+from conftest import first_sample_ids, kill_all_processes_mentioning, processes_mentioning
 from test_job import JOB, ROOT, run_job
 
 from helpers.data import SAMPLE_SHARDS
@@ -52,18 +52,7 @@ class Job:
 
     def pids(self, title: str) -> list[int]:
         """This job's processes whose title (Ray names its workers after their actor) has title."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            try:
-                if (
-                    entry.name.isdigit()
-                    and self.marker.encode() in (entry / "environ").read_bytes()
-                    and title.encode() in (entry / "cmdline").read_bytes()
-                ):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-        return found
+        return processes_mentioning(self.marker, title)
 
     def kill(self, title: str, timeout: float = 400) -> None:
         """SIGKILL the processes named title once they run (past their constructor)."""
