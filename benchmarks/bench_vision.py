@@ -353,6 +353,7 @@ def run_pipeline(args, shards: str, run: str) -> dict:
             "max_concurrent_batches": preset.max_concurrent_batches,
             "separate_tokenizer_stages": preset.separate_tokenizer_stages,
             "placement_group_config": preset.placement_group_config,
+            "env_vars": preset.env_vars,
             **out,
             "ray_address": os.environ.get("RAY_ADDRESS") or None,
         },

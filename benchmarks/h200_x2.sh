@@ -15,9 +15,10 @@
 #                                         2026-11-30: GPU A's third run did not fit in the call
 #   bash benchmarks/h200_x2.sh probe      py-spy and nvidia-smi at steady state; the preset beside two
 #                                         replicas of it on one GPU (see the step)
-#   bash benchmarks/h200_x2.sh encoder    (not run yet) $ENC_A (mmgraph, mmcompile) beside the preset,
+#   bash benchmarks/h200_x2.sh encoder    $ENC_A (mmgraph, mmcompile) beside the preset,
 #                                         3 runs each: the vision encoder compiled or graphed
-#   bash benchmarks/h200_x2.sh steady     the preset (GPU A) beside $STEADY_B (GPU B), 3 runs each,
+#                                         (2026-12-01: 2 pairs fit per call; mmgraph 0.83x, mmcompile ~1x)
+#   bash benchmarks/h200_x2.sh steady     the preset (GPU A) beside $STEADY_B (GPU B), $REPEAT (3) runs each,
 #                                         N=6144 (2026-11-30, STEADY_B=oldpreset: 2 runs each fit)
 #   bash benchmarks/h200_x2.sh tenk       ours ($TENK_A) and the original settings, 10,000 images
 #                                         each, side by side (one GPU each, one Ray cluster), both
@@ -30,7 +31,7 @@
 #                                         (carry .nbtools: run_notebook_cells.py, make_random_weights.py)
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
 # Variants are engine kwargs in JSON, merged into the preset's: eager, nocompile, seqs2048, mmcompile,
-# mmgraph (with an environment variable from VARIANT_ENV).
+# mmgraph (with an environment variable from VARIANT_ENV), nomaxpix.
 # Carry .device/kit (and .whl: py-spy for the profile). Every log lands in $OUT/logs.tgz, the JSON
 # lines in $OUT/results.jsonl; a summary table is printed last.
 set -u
@@ -62,6 +63,10 @@ declare -A VARIANT=(
   # model runner: its default V2 runner ignores cudagraph_mm_encoder; vLLM 0.29's V2 runner has it).
   [mmcompile]="{\"compilation_config\": {\"compile_mm_encoder\": true, \"cudagraph_capture_sizes\": $SIZES}}"
   [mmgraph]="{\"compilation_config\": {\"cudagraph_mm_encoder\": true, \"cudagraph_capture_sizes\": $SIZES}}"
+  # Without the preset's mm_processor_kwargs: transformers deep-copies the processor kwargs, with
+  # vLLM's tokenizer among them, when vLLM builds the HF processor at the first request
+  # (2026-12-01, steady REPEAT=3: one pair fit; the wait was not shorter).
+  [nomaxpix]='{"mm_processor_kwargs": null}'
 )
 declare -A VARIANT_ENV=([mmgraph]=VLLM_USE_V2_MODEL_RUNNER=0)
 left() { local s=$((START + DEADLINE_S - $(date +%s))); echo $((s > 1 ? s : 1)); }
@@ -142,6 +147,21 @@ for line in open(sys.argv[1]):
     print("      " + " ".join(f"{k}={v}" for k, v in r.get("startup_vllm_reported", {}).items()))
 PY
 }
+# Where each engine ran, every 15 s while the step runs: its GPU, the CPU core its processes were
+# last on and their CPU use. The steady rate falls in two groups (about 90 and 120-150 images/s)
+# with nothing changed (2026-12-01); this is the record to tell GPU, NUMA node or core apart.
+where_sampler() {
+  nvidia-smi topo -m > "$L/topo.txt" 2>&1
+  lscpu > "$L/lscpu.txt" 2>&1
+  while sleep 15; do
+    echo "== $(date +%s)"
+    nvidia-smi --query-compute-apps=pid,gpu_bus_id,used_memory --format=csv,noheader 2>&1
+    for pid in $(engine_pids); do ps -o pid=,ppid=,psr=,pcpu=,comm= -p "$pid"; done
+  done >> "$L/where.txt" 2>&1
+}
+where_sampler &
+WHERE=$!
+trap 'kill $WHERE 2>/dev/null' EXIT
 finish() {
   cluster_down
   tar czf "$OUT/logs.tgz" -C /tmp/runlogs "$1" 2>/dev/null
@@ -199,7 +219,7 @@ probe)
   kill $p1 $p2 $p3 $p4 2>/dev/null
   finish probe ;;
 encoder)
-  # Not run yet: $ENC_A (default mmgraph) on GPU A beside the preset on GPU B, 3 runs each, N=6144.
+  # $ENC_A (default mmgraph) on GPU A beside the preset on GPU B, 3 runs each, N=6144.
   A=${ENC_A:-mmgraph}
   cluster_up
   benchv "$A" -n 6144 --runs pipeline --repeat 3 --workdir /tmp/bw_a --label "enc-$A" > "$L/a.txt" 2>&1 &
@@ -209,8 +229,8 @@ encoder)
 steady)
   B=${STEADY_B:-eager}
   cluster_up
-  bench -n 6144 --runs pipeline --repeat 3 --workdir /tmp/bw_a --label steady-preset > "$L/a.txt" 2>&1 &
-  benchv "$B" -n 6144 --runs pipeline --repeat 3 --workdir /tmp/bw_b --label "steady-$B" > "$L/b.txt" 2>&1 &
+  bench -n 6144 --runs pipeline --repeat "${REPEAT:-3}" --workdir /tmp/bw_a --label steady-preset > "$L/a.txt" 2>&1 &
+  benchv "$B" -n 6144 --runs pipeline --repeat "${REPEAT:-3}" --workdir /tmp/bw_b --label "steady-$B" > "$L/b.txt" 2>&1 &
   wait
   finish steady ;;
 tenk)

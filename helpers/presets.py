@@ -71,10 +71,11 @@ PRESETS: dict[str, Preset] = {
         scale_up_images=1_000_000,
         scale_up_concurrency=4,
         # Tuned on one H200 (benchmarks/results/): 1,024 sequences at once beat 512 side by side
-        # (121 against 94 images/s, one run each); over 8 later runs the preset's median is 106.9
+        # (121 against 94 images/s, one run each); over 15 later runs the preset's median is 96.0
         # (78-149). The engine keeps about 1,000 sequences running; KV cache use stays under 10%.
         # Its limit is the engine core's Python thread, not the GPU (py-spy: a third of it launches
-        # the vision encoder's kernels); see the notebook's performance section.
+        # the vision encoder's kernels; compiling or graphing the encoder did not help on vLLM
+        # 0.26); see the notebook's performance section.
         engine_kwargs={
             "max_model_len": 4096,
             "max_num_seqs": 1024,

@@ -5,17 +5,13 @@ completes, or it exits non-zero with a clear message, and a rerun of the same co
 the rest.
 """
 
-import os
-import signal
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import first_sample_ids, kill_all_processes_mentioning, processes_mentioning
-from test_job import JOB, ROOT, run_job
+from conftest import first_sample_ids
+from test_job import Job, run_job
 
 from helpers.data import SAMPLE_SHARDS
 
@@ -26,49 +22,6 @@ def job_args(out: Path) -> list[str]:
     # Blocks of 2 rows: many small commits, so a fault lands between the first and the last.
     args = ["--input", f"{SAMPLE_SHARDS}/*.tar", "--output", str(out), "--no-contact-sheet"]
     return args + ["--rows-per-block", "2", "--batch-size", "2"]
-
-
-class Job:
-    """One run of the job with its own Ray temp dir, which marks all of its processes."""
-
-    def __init__(self, out: Path, log: Path):
-        self.out, self.log = out, log
-        self.marker = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # short: Ray's socket paths
-        with open(log, "w") as f:
-            self.proc = subprocess.Popen(
-                [*JOB, *job_args(out)],
-                cwd=ROOT,
-                env={**os.environ, "RAY_TMPDIR": self.marker},
-                stdout=f,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait_for_first_commit(self, timeout: float = 400) -> None:
-        deadline = time.time() + timeout
-        while not list(self.out.glob("part-*.parquet")):
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            assert time.time() < deadline, "no file committed in time"
-            time.sleep(0.2)
-
-    def pids(self, title: str) -> list[int]:
-        """This job's processes whose title (Ray names its workers after their actor) has title."""
-        return processes_mentioning(self.marker, title)
-
-    def kill(self, title: str, timeout: float = 400) -> None:
-        """SIGKILL the processes named title once they run (past their constructor)."""
-        deadline = time.time() + timeout
-        while not (pids := [p for p in self.pids(title) if p not in self.pids("__init__")]):
-            assert self.proc.poll() is None, "the job ended before the fault"
-            assert time.time() < deadline, f"no process named {title} in time"
-            time.sleep(0.1)
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-
-    def finish(self, timeout: float = 600) -> tuple[int, str]:
-        try:
-            return self.proc.wait(timeout), self.log.read_text()
-        finally:
-            kill_all_processes_mentioning(self.marker)
 
 
 def assert_every_id_exactly_once(out: Path) -> None:
@@ -86,7 +39,7 @@ def assert_every_id_exactly_once(out: Path) -> None:
 )
 def test_a_worker_killed_mid_run(tmp_path, title, after_first_commit):
     out = tmp_path / "captions"
-    job = Job(out, tmp_path / "job.log")
+    job = Job(out, tmp_path / "job.log", job_args(out))
     try:
         # The CPU stages are done with every row before the engine's first batch is written,
         # so their actor is killed as soon as it works, the engine's once a file is committed.
@@ -118,7 +71,7 @@ def small_disk(tmp_path):
 
 def test_a_full_output_disk_fails_clearly_then_resumes(tmp_path, small_disk):
     out = small_disk / "captions"
-    job = Job(out, tmp_path / "job.log")
+    job = Job(out, tmp_path / "job.log", job_args(out))
     rc, log = job.finish()
     assert rc == 1, log[-3000:]
     assert "[job] FAILED" in log and "No space left on device" in log, log[-3000:]

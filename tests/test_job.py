@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import first_sample_ids, kill_all_processes_mentioning, write_mixed_folder
+from conftest import first_sample_ids, kill_all_processes_mentioning, processes_mentioning, write_mixed_folder
 from PIL import Image, ImageChops, ImageDraw
 
 from helpers.data import SAMPLE_SHARDS
@@ -38,6 +38,51 @@ def run_job(*args: str, timeout: int = 600) -> dict:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     output = args[args.index("--output") + 1]
     return json.loads(Path(output, "_summary.json").read_text())
+
+
+class Job:
+    """One run of the job in the background, with its own Ray temp dir: the dir's path is in the
+    environment of every process of this job, workers included, so it marks them all."""
+
+    def __init__(self, out: Path, log: Path, args: list[str]):
+        self.out, self.log = out, log
+        self.marker = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen(
+                [*JOB, *args],
+                cwd=ROOT,
+                env={**os.environ, "RAY_TMPDIR": self.marker},
+                start_new_session=True,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_for_first_commit(self, timeout: float = 400) -> None:
+        deadline = time.time() + timeout
+        while not list(self.out.glob("part-*.parquet")):
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            assert time.time() < deadline, "no file committed in time"
+            time.sleep(0.2)
+
+    def pids(self, title: str) -> list[int]:
+        """This job's processes whose title (Ray names its workers after their actor) has title."""
+        return processes_mentioning(self.marker, title)
+
+    def kill(self, title: str, timeout: float = 400) -> None:
+        """SIGKILL the processes named title once they run (past their constructor)."""
+        deadline = time.time() + timeout
+        while not (pids := [p for p in self.pids(title) if p not in self.pids("__init__")]):
+            assert self.proc.poll() is None, "the job ended before the fault"
+            assert time.time() < deadline, f"no process named {title} in time"
+            time.sleep(0.1)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
+        try:
+            return self.proc.wait(timeout), self.log.read_text()
+        finally:
+            kill_all_processes_mentioning(self.marker)
 
 
 @pytest.fixture(scope="module")
@@ -108,25 +153,13 @@ def test_driver_killed_alone_and_rerun_at_once_gives_the_first_n_ids_exactly_onc
     limit = 20  # of 24: resume must complete the same first N (job.yaml runs --limit with retries)
     args = ["--input", f"{SAMPLE_SHARDS}/*.tar", "--output", str(out), "--limit", str(limit)]
     args += ["--rows-per-block", "2", "--batch-size", "2", "--no-contact-sheet"]
-    # Its own Ray temp dir, in the environment of every process of this job, workers included.
-    marker = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths have a limit
-    proc = subprocess.Popen(
-        [*JOB, *args],
-        cwd=ROOT,
-        env={**os.environ, "RAY_TMPDIR": marker},
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    job = Job(out, tmp_path / "job.log", args)
     try:
-        deadline = time.time() + 400
-        while time.time() < deadline and not list(out.glob("part-*.parquet")):
-            assert proc.poll() is None, "the job ended before it could be killed"
-            time.sleep(0.2)
+        job.wait_for_first_commit()
         # The driver alone: its Ray workers run on for a moment and may still commit files,
         # while the rerun below has already read what is there.
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.kill(job.proc.pid, signal.SIGKILL)
+        job.proc.wait()
         first = pq.read_table(out).column("id").to_pylist()
         assert 0 < len(first) < limit, "kill the job partway"
         # A write interrupted mid-file leaves only a hidden temporary: never read as finished work.
@@ -135,7 +168,7 @@ def test_driver_killed_alone_and_rerun_at_once_gives_the_first_n_ids_exactly_onc
         assert pq.read_table(out).num_rows >= len(first)
         summary = run_job(*args)  # at once
     finally:
-        kill_all_processes_mentioning(marker)
+        kill_all_processes_mentioning(job.marker)
     ids = pq.read_table(out).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == limit
     assert set(ids) == set(first_sample_ids(limit)) and set(first) <= set(ids)
