@@ -148,7 +148,7 @@ for line in open(sys.argv[1]):
 PY
 }
 # Where each engine ran, every 15 s while the step runs: its GPU, the CPU core its processes were
-# last on and their CPU use. The steady rate falls in two groups (about 90 and 120-150 images/s)
+# last on and their CPU use. The steady rate falls in two groups (89-96 and 118-149 images/s)
 # with nothing changed (2026-12-01); this is the record to tell GPU, NUMA node or core apart.
 where_sampler() {
   nvidia-smi topo -m > "$L/topo.txt" 2>&1
@@ -161,8 +161,10 @@ where_sampler() {
 }
 where_sampler &
 WHERE=$!
+disown $WHERE  # else the steps' bare `wait` would wait for it forever
 trap 'kill $WHERE 2>/dev/null' EXIT
 finish() {
+  kill $WHERE 2>/dev/null
   cluster_down
   tar czf "$OUT/logs.tgz" -C /tmp/runlogs "$1" 2>/dev/null
   summary

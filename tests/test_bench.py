@@ -29,7 +29,7 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
         '{"bundle_per_worker": {"CPU": 2}}',
         # The flag behind h200_x2.sh's per-variant environment (mmgraph: VLLM_USE_V2_MODEL_RUNNER=0).
         "--env",
-        "VLLM_BENCH_MARK=1",
+        "BENCH_ENV_MARK=1",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -46,4 +46,4 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
     assert "max_num_seqs" in pipeline["engine_kwargs"] and "max_num_seqs" not in original["engine_kwargs"]
     assert pipeline["placement_group_config"] == {"bundle_per_worker": {"CPU": 2}}
     assert original["placement_group_config"] == {"bundle_per_worker": {"CPU": 1}}  # the tutorial's
-    assert pipeline["env_vars"]["VLLM_BENCH_MARK"] == "1"  # recorded with the run it changed
+    assert pipeline["env_vars"]["BENCH_ENV_MARK"] == "1"  # recorded with the run it changed
