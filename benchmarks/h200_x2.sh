@@ -15,10 +15,10 @@
 #                                         2026-11-30: GPU A's third run did not fit in the call
 #   bash benchmarks/h200_x2.sh probe      py-spy and nvidia-smi at steady state; the preset beside two
 #                                         replicas of it on one GPU (see the step)
-#   bash benchmarks/h200_x2.sh encoder    $ENC_A (mmgraph, mmcompile) beside the preset,
-#                                         3 runs each: the vision encoder compiled or graphed
+#   bash benchmarks/h200_x2.sh encoder    $ENC_A (mmgraph, mmcompile) beside the preset, $REPEAT (3)
+#                                         runs each, N=6144: the vision encoder compiled or graphed
 #                                         (2026-12-01: 2 pairs fit per call; mmgraph 0.83x, mmcompile ~1x)
-#   bash benchmarks/h200_x2.sh steady     the preset (GPU A) beside $STEADY_B (GPU B), $REPEAT (3) runs each,
+#   bash benchmarks/h200_x2.sh steady     the preset beside $STEADY_B (default eager), $REPEAT (3) runs each,
 #                                         N=6144 (2026-11-30, STEADY_B=oldpreset: 2 runs each fit)
 #   bash benchmarks/h200_x2.sh tenk       ours ($TENK_A) and the original settings, 10,000 images
 #                                         each, side by side (one GPU each, one Ray cluster), both
@@ -163,6 +163,14 @@ where_sampler &
 WHERE=$!
 disown $WHERE  # else the steps' bare `wait` would wait for it forever
 trap 'kill $WHERE 2>/dev/null' EXIT
+# The preset (labelled PREFIX-preset) beside variant VARIANT (PREFIX-VARIANT), one driver per GPU on
+# one Ray cluster, started at the same moment, $REPEAT (3) runs each, N=6144: beside_preset PREFIX VARIANT
+beside_preset() {
+  cluster_up
+  bench -n 6144 --runs pipeline --repeat "${REPEAT:-3}" --workdir /tmp/bw_a --label "$1-preset" > "$L/a.txt" 2>&1 &
+  benchv "$2" -n 6144 --runs pipeline --repeat "${REPEAT:-3}" --workdir /tmp/bw_b --label "$1-$2" > "$L/b.txt" 2>&1 &
+  wait
+}
 finish() {
   kill $WHERE 2>/dev/null
   cluster_down
@@ -221,19 +229,10 @@ probe)
   kill $p1 $p2 $p3 $p4 2>/dev/null
   finish probe ;;
 encoder)
-  # $ENC_A (default mmgraph) on GPU A beside the preset on GPU B, 3 runs each, N=6144.
-  A=${ENC_A:-mmgraph}
-  cluster_up
-  benchv "$A" -n 6144 --runs pipeline --repeat 3 --workdir /tmp/bw_a --label "enc-$A" > "$L/a.txt" 2>&1 &
-  bench -n 6144 --runs pipeline --repeat 3 --workdir /tmp/bw_b --label enc-preset > "$L/b.txt" 2>&1 &
-  wait
+  beside_preset enc "${ENC_A:-mmgraph}"
   finish encoder ;;
 steady)
-  B=${STEADY_B:-eager}
-  cluster_up
-  bench -n 6144 --runs pipeline --repeat "${REPEAT:-3}" --workdir /tmp/bw_a --label steady-preset > "$L/a.txt" 2>&1 &
-  benchv "$B" -n 6144 --runs pipeline --repeat "${REPEAT:-3}" --workdir /tmp/bw_b --label "steady-$B" > "$L/b.txt" 2>&1 &
-  wait
+  beside_preset steady "${STEADY_B:-eager}"
   finish steady ;;
 tenk)
   A=${TENK_A:-preset}

@@ -71,7 +71,7 @@ class Job:
     def kill(self, title: str, timeout: float = 400) -> None:
         """SIGKILL the processes named title once they run (past their constructor)."""
         deadline = time.time() + timeout
-        while not (pids := [p for p in self.pids(title) if p not in self.pids("__init__")]):
+        while not (pids := set(self.pids(title)) - set(self.pids("__init__"))):
             assert self.proc.poll() is None, "the job ended before the fault"
             assert time.time() < deadline, f"no process named {title} in time"
             time.sleep(0.1)
