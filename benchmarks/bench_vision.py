@@ -58,6 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=int)
     p.add_argument("--max-concurrent-batches", type=int)
     p.add_argument(
+        "--max-pending-requests",
+        type=int,
+        help="requests an engine holds at once, running and queued (<= 0: no limit)",
+    )
+    p.add_argument(
         "--placement-group-config",
         type=json.loads,
         help='JSON, e.g. {"bundle_per_worker": {"GPU": 0.5, "CPU": 1}}: two engine replicas per GPU',
@@ -149,6 +154,8 @@ def settings(args, run: str):
     batch_size, concurrency = args.batch_size or preset.batch_size, args.concurrency or preset.concurrency
     if args.max_concurrent_batches:
         preset = dataclasses.replace(preset, max_concurrent_batches=args.max_concurrent_batches)
+    if args.max_pending_requests is not None:
+        preset = dataclasses.replace(preset, max_pending_requests=args.max_pending_requests)
     if args.placement_group_config and run != "original":
         preset = dataclasses.replace(preset, placement_group_config=args.placement_group_config)
     if run == "fp8":
@@ -158,7 +165,9 @@ def settings(args, run: str):
         keep = ("max_model_len", "limit_mm_per_prompt", "dtype", "enforce_eager", "seed")
         engine_kwargs = {k: v for k, v in preset.engine_kwargs.items() if k in keep}
         batch_size, concurrency = 16, 1
-        preset = dataclasses.replace(preset, max_concurrent_batches=8, separate_tokenizer_stages=True)
+        preset = dataclasses.replace(
+            preset, max_concurrent_batches=8, max_pending_requests=None, separate_tokenizer_stages=True
+        )
         # The tutorial set no environment (on CPU the smoke preset's stays: it needs it to run).
         env_vars = env_vars if args.smoke else {}
     env_vars.update(kv.split("=", 1) for kv in args.env)
@@ -351,6 +360,7 @@ def run_pipeline(args, shards: str, run: str) -> dict:
             "batch_size": batch_size,
             "concurrency": concurrency,
             "max_concurrent_batches": preset.max_concurrent_batches,
+            "max_pending_requests": preset.max_pending_requests,
             "separate_tokenizer_stages": preset.separate_tokenizer_stages,
             "placement_group_config": preset.placement_group_config,
             "env_vars": preset.env_vars,

@@ -29,9 +29,12 @@
 #                                         (needs the compressed-tensors and loguru wheels in .whl)
 #   bash benchmarks/h200_x2.sh notebook   the unmodified notebook with the GPU preset, random weights
 #                                         (carry .nbtools: run_notebook_cells.py, make_random_weights.py)
+#   bash benchmarks/h200_x2.sh alone      one GPU: $ALONE_A (default pend2048) and the preset one after
+#                                         the other, order $ORDER (default "A P A"), N=6144
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
 # Variants are engine kwargs in JSON, merged into the preset's: eager, nocompile, seqs2048, mmcompile,
-# mmgraph (with an environment variable from VARIANT_ENV), nomaxpix.
+# mmgraph (with an environment variable from VARIANT_ENV), nomaxpix; pend2048 and nolimit change
+# Ray Data LLM's max_pending_requests (bench arguments from VARIANT_ARGS).
 # Carry .device/kit (and .whl: py-spy for the profile). Every log lands in $OUT/logs.tgz, the JSON
 # lines in $OUT/results.jsonl; a summary table is printed last.
 set -u
@@ -67,24 +70,35 @@ declare -A VARIANT=(
   # vLLM's tokenizer among them, when vLLM builds the HF processor at the first request
   # (2026-12-01, steady REPEAT=3: one pair fit; the wait was not shorter).
   [nomaxpix]='{"mm_processor_kwargs": null}'
+  # More requests inside the engine than Ray Data LLM's default cap (1.1 x max_num_seqs = 1,127):
+  # vLLM prepares an image only when its request enters the engine, so with the default only ~100
+  # prepared requests wait when a wave of 1,024 finishes together (2026-12-01 logs: waiting 0,
+  # running falls to ~800 while the engine actor prepares the next ones one by one).
+  [pend2048]='{}'
+  [nolimit]='{}'
 )
 declare -A VARIANT_ENV=([mmgraph]=VLLM_USE_V2_MODEL_RUNNER=0)
+declare -A VARIANT_ARGS=(
+  [seqs2048]="--max-concurrent-batches 48"
+  [pend2048]="--max-pending-requests 2048 --max-concurrent-batches 48"
+  [nolimit]="--max-pending-requests -1"
+)
 left() { local s=$((START + DEADLINE_S - $(date +%s))); echo $((s > 1 ? s : 1)); }
 bench() {
   timeout -s KILL "$(left)" python3 benchmarks/bench_vision.py --model "$MODEL_DIR" --dummy \
     --logdir "$L/logs" --out "$OUT/results.jsonl" "$@"
 }
-benchv() {  # bench with a named variant's engine kwargs (and 48 batches in flight for seqs2048)
+benchv() {  # bench with a named variant's engine kwargs, its bench arguments and environment
   local v=$1 extra=()
   shift
-  [ "$v" = seqs2048 ] && extra=(--max-concurrent-batches 48)
+  read -r -a extra <<< "${VARIANT_ARGS[$v]:-}"
   [ -n "${VARIANT_ENV[$v]:-}" ] && extra+=(--env "${VARIANT_ENV[$v]}")
   bench "$@" --engine-kwargs "${VARIANT[$v]}" "${extra[@]}"
 }
 ray_cli() { python3 -m ray.scripts.scripts "$@"; }
 # One Ray cluster over both GPUs for two drivers side by side (Ray's own start is in neither figure).
 cluster_up() {
-  ray_cli start --head --num-gpus 2 --include-dashboard=false --disable-usage-stats > "$L/ray_start.log" 2>&1
+  ray_cli start --head --num-gpus "$(nvidia-smi -L | wc -l)" --include-dashboard=false --disable-usage-stats > "$L/ray_start.log" 2>&1
   export RAY_ADDRESS=auto
 }
 cluster_down() { ray_cli stop --force > /dev/null 2>&1; }
@@ -234,6 +248,22 @@ encoder)
 steady)
   beside_preset steady "${STEADY_B:-eager}"
   finish steady ;;
+alone)
+  # One GPU (nvidia-h200, when two are not lent): the preset (P) and $ALONE_A (A) one after the
+  # other on one Ray cluster, in the order $ORDER (default "A P A"), N=6144 each. Not side by side:
+  # pair each run with its neighbours in the same call.
+  cluster_up
+  k=0
+  for who in ${ORDER:-A P A}; do
+    if [ "$who" = P ]; then
+      bench -n 6144 --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label alone-preset
+    else
+      benchv "${ALONE_A:-pend2048}" -n 6144 --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" \
+        --label "alone-${ALONE_A:-pend2048}"
+    fi
+    k=$((k + 1))
+  done > "$L/a.txt" 2>&1
+  finish alone ;;
 tenk)
   A=${TENK_A:-preset}
   cluster_up
@@ -277,5 +307,5 @@ yardstick)
     > "$L/cumulative.txt" 2>&1 &
   wait
   finish yardstick ;;
-*) echo "usage: h200_x2.sh startup | probe | encoder | steady | tenk | scale | fp8 | notebook | tune | yardstick"; exit 2 ;;
+*) echo "usage: h200_x2.sh startup | probe | encoder | steady | alone | tenk | scale | fp8 | notebook | tune | yardstick"; exit 2 ;;
 esac

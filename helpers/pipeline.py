@@ -33,6 +33,7 @@ def processor_config(
         # pool of 1..n, which on 2 H200s added the second replica 92 s after the first.
         concurrency=(replicas, replicas),
         max_concurrent_batches=preset.max_concurrent_batches,
+        max_pending_requests=preset.max_pending_requests,
         accelerator_type=preset.accelerator_type,
         placement_group_config=preset.placement_group_config,
         prepare_multimodal_stage={"enabled": True},

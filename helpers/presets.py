@@ -43,6 +43,10 @@ class Preset:
     image_size: int = 225
     accelerator_type: str | None = None
     max_concurrent_batches: int = 8
+    # Requests an engine replica holds at once, running and queued (Ray Data LLM's default, None,
+    # is 1.1 x max_num_seqs). vLLM prepares each image when its request enters the engine, so
+    # this is also how many images are ready when a wave of requests finishes.
+    max_pending_requests: int | None = None
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     # Where the engine runs: None = one GPU per replica (Ray Data LLM's default).
     placement_group_config: dict[str, Any] | None = None
