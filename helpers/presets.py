@@ -71,15 +71,20 @@ PRESETS: dict[str, Preset] = {
         batch_size=64,
         concurrency=1,
         max_tokens=256,
-        max_concurrent_batches=32,  # 2,048 requests in flight: the engine's queue never drains
+        # 3,072 rows in the engine stage, 2,048 of them inside the engine: 1,024 running and up to
+        # 1,024 prepared and queued. With Ray Data LLM's default cap (1,127) the queue ran dry
+        # whenever a wave of requests finished together, and the engine waited while its actor
+        # prepared the next images one by one. On one H200, runs one after the other: 129.7 against
+        # 109.1 images/s (medians of 4 runs each), 1.19x (median of 5 neighbouring pairs;
+        # benchmarks/results/).
+        max_concurrent_batches=48,
+        max_pending_requests=2048,
         scale_up_images=1_000_000,
         scale_up_concurrency=4,
         # Tuned on one H200 (benchmarks/results/): 1,024 sequences at once beat 512 side by side
-        # (121 against 94 images/s, one run each); over 15 later runs the preset's median is 96.0
-        # (78-149). The engine keeps about 1,000 sequences running; KV cache use stays under 10%.
-        # Its limit is the engine core's Python thread, not the GPU (py-spy: a third of it launches
-        # the vision encoder's kernels; compiling or graphing the encoder did not help on vLLM
-        # 0.26); see the notebook's performance section.
+        # (121 against 94 images/s, one run each). The engine keeps about 1,000 sequences running;
+        # KV cache use stays under 10%. Compiling or graphing the vision encoder did not help on
+        # vLLM 0.26; see the notebook's performance section.
         engine_kwargs={
             "max_model_len": 4096,
             "max_num_seqs": 1024,

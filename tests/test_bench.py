@@ -30,6 +30,9 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
         # The flag behind h200_x2.sh's per-variant environment (mmgraph: VLLM_USE_V2_MODEL_RUNNER=0).
         "--env",
         "BENCH_ENV_MARK=1",
+        # The flag behind h200_x2.sh's pend2048 and nolimit (Ray Data LLM's max_pending_requests).
+        "--max-pending-requests",
+        "12",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -47,3 +50,7 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
     assert pipeline["placement_group_config"] == {"bundle_per_worker": {"CPU": 2}}
     assert original["placement_group_config"] == {"bundle_per_worker": {"CPU": 1}}  # the tutorial's
     assert pipeline["env_vars"]["BENCH_ENV_MARK"] == "1"  # recorded with the run it changed
+    # Recorded, and what the engine actor used (its own log line); the original keeps Ray's default.
+    assert pipeline["max_pending_requests"] == 12 and original["max_pending_requests"] is None
+    log = (tmp_path / "work" / "logs" / "pipeline-0.log").read_text()
+    assert "Max pending requests is set to 12" in log

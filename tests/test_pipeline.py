@@ -65,3 +65,18 @@ def test_engine_replicas_are_configured_as_a_fixed_pool():
     config = processor_config(get_preset(smoke_test=False), "Qwen/Qwen2.5-VL-3B-Instruct", concurrency=3)
     pool = config.get_concurrency(autoscaling_enabled=True)  # what Ray Data LLM asks of Ray Data
     assert pool.get("size", pool.get("min_size")) == 3 and pool.get("max_size", 3) == 3, pool
+
+
+# Config only: vLLM prepares an image when its request enters the engine, and Ray Data LLM lets in
+# at most max_pending_requests. The GPU preset lets in a full second wave (prepared, queued) and
+# keeps rows beyond that in the engine stage, so its actor has images to prepare meanwhile.
+def test_the_engine_holds_a_queue_of_prepared_requests_beyond_those_it_runs():
+    preset = get_preset(smoke_test=False)
+    processor = build_caption_processor(
+        processor_config(preset, "Qwen/Qwen2.5-VL-3B-Instruct"), model_name="x", **row_kwargs(preset)
+    )
+    stage = processor.get_stage_by_name("vLLMEngineStage")
+    pending = stage.fn_constructor_kwargs["max_pending_requests"]  # what the engine actor gets
+    assert pending == preset.max_pending_requests
+    assert pending >= 2 * preset.engine_kwargs["max_num_seqs"]
+    assert preset.batch_size * preset.max_concurrent_batches > pending
