@@ -45,6 +45,13 @@ sys.path.insert(0, str(ROOT))
 RUNS = ("engine", "engine_async", "pipeline", "fp8", "original")
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, toy size")
@@ -59,8 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--max-concurrent-batches", type=int)
     p.add_argument(
         "--max-pending-requests",
-        type=int,
-        help="requests an engine holds at once, running and queued (<= 0: no limit)",
+        type=positive,
+        # Ray documents <= 0 as "no limit", but Ray 2.58.1 and 2.60.0 then fail in the engine
+        # actor (vllm_engine_stage.py calls asyncio.NullContext, which doesn't exist).
+        help="requests an engine holds at once, running and queued (default: 1.1 x max_num_seqs)",
     )
     p.add_argument(
         "--placement-group-config",

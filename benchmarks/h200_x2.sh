@@ -32,11 +32,12 @@
 #   bash benchmarks/h200_x2.sh alone      one GPU: $ALONE_A (default async) and the preset one after
 #                                         the other, order $ORDER (default "A P A"), N=6144
 #                                         (2026-12-01: pend2048 against Ray's default cap, before
-#                                         pend2048 entered the preset: 3 calls, 4 runs each)
+#                                         pend2048 entered the preset: 3 calls of 3, 3 and 2 runs,
+#                                         4 per configuration)
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
 # Variants are engine kwargs in JSON, merged into the preset's: eager, nocompile, seqs2048, mmcompile,
-# mmgraph (with an environment variable from VARIANT_ENV), nomaxpix, async; pend2048 and nolimit
-# set Ray Data LLM's max_pending_requests (bench arguments from VARIANT_ARGS; pend2048 is the preset's
+# mmgraph (with an environment variable from VARIANT_ENV), nomaxpix, async; pend2048 sets
+# Ray Data LLM's max_pending_requests (bench arguments from VARIANT_ARGS; pend2048 is the preset's
 # value since 2026-12-01, so beside the preset it now differs only in being set on the command line).
 # Carry .device/kit (and .whl: py-spy for the profile). Every log lands in $OUT/logs.tgz, the JSON
 # lines in $OUT/results.jsonl; a summary table is printed last.
@@ -78,16 +79,14 @@ declare -A VARIANT=(
   # prepared requests wait when a wave of 1,024 finishes together (2026-12-01 logs: waiting 0,
   # running falls to ~800 while the engine actor prepares the next ones one by one).
   [pend2048]='{}'
-  [nolimit]='{}'
   # vLLM's async scheduling (CPU work of the next step while the GPU runs this one): no gain while
   # the engine ran short of requests (2026-11-30, 99.2 against 102.4); not measured since.
   [async]='{"async_scheduling": true}'
 )
 declare -A VARIANT_ENV=([mmgraph]=VLLM_USE_V2_MODEL_RUNNER=0)
 declare -A VARIANT_ARGS=(
-  [seqs2048]="--max-concurrent-batches 96 --max-pending-requests 4096"  # the preset's ratios, doubled
+  [seqs2048]="--max-concurrent-batches 96 --max-pending-requests 4096"  # the preset's, doubled; not run yet
   [pend2048]="--max-pending-requests 2048 --max-concurrent-batches 48"
-  [nolimit]="--max-pending-requests -1"
 )
 left() { local s=$((START + DEADLINE_S - $(date +%s))); echo $((s > 1 ? s : 1)); }
 bench() {
