@@ -77,7 +77,7 @@ declare -A VARIANT=(
   # More requests inside the engine than Ray Data LLM's default cap (1.1 x max_num_seqs = 1,127):
   # vLLM prepares an image only when its request enters the engine, so with the default only ~100
   # prepared requests wait when a wave of 1,024 finishes together (2026-12-01 logs: waiting 0,
-  # running falls to ~800 while the engine actor prepares the next ones one by one).
+  # running falls as low as 530-670 while the engine actor prepares the next ones one by one).
   [pend2048]='{}'
   # vLLM's async scheduling (CPU work of the next step while the GPU runs this one): no gain while
   # the engine ran short of requests (2026-11-30, 99.2 against 102.4); not measured since.
@@ -257,14 +257,14 @@ alone)
   # One GPU (nvidia-h200, when two are not lent): the preset (P) and $ALONE_A (A) one after the
   # other on one Ray cluster, in the order $ORDER (default "A P A"), N=6144 each. Not side by side:
   # pair each run with its neighbours in the same call.
+  A=${ALONE_A:-async}
   cluster_up
   k=0
   for who in ${ORDER:-A P A}; do
     if [ "$who" = P ]; then
       bench -n 6144 --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label alone-preset
     else
-      benchv "${ALONE_A:-async}" -n 6144 --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" \
-        --label "alone-${ALONE_A:-async}"
+      benchv "$A" -n 6144 --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label "alone-$A"
     fi
     k=$((k + 1))
   done > "$L/a.txt" 2>&1

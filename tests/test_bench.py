@@ -30,7 +30,7 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
         # The flag behind h200_x2.sh's per-variant environment (mmgraph: VLLM_USE_V2_MODEL_RUNNER=0).
         "--env",
         "BENCH_ENV_MARK=1",
-        # The flag behind h200_x2.sh's pend2048 and nolimit (Ray Data LLM's max_pending_requests).
+        # The flag behind h200_x2.sh's pend2048 and seqs2048 (Ray Data LLM's max_pending_requests).
         "--max-pending-requests",
         "12",
     ]
