@@ -29,16 +29,17 @@
 #                                         (needs the compressed-tensors and loguru wheels in .whl)
 #   bash benchmarks/h200_x2.sh notebook   the unmodified notebook with the GPU preset, random weights
 #                                         (carry .nbtools: run_notebook_cells.py, make_random_weights.py)
-#   bash benchmarks/h200_x2.sh alone      one GPU: $ALONE_A (default async) and the preset one after
-#                                         the other, order $ORDER (default "A P A"), N=6144
-#                                         (2026-12-01: pend2048 against Ray's default cap, before
-#                                         pend2048 entered the preset: 3 calls of 3, 3 and 2 runs,
-#                                         4 per configuration)
+#   bash benchmarks/h200_x2.sh alone      one GPU: $ALONE_A (default seqs1024) and the preset one
+#                                         after the other, order $ORDER (default "A P A"; other
+#                                         words name variants), N=6144
+#                                         (2026-12-01: pend2048 against Ray's default cap, 3 calls
+#                                         of 3, 3 and 2 runs; later ORDER="async P async2048",
+#                                         "async2048 P async2048", "async2048 P async", whose
+#                                         async2048 runs became the preset)
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
-# Variants are engine kwargs in JSON, merged into the preset's: eager, nocompile, seqs2048, mmcompile,
-# mmgraph (with an environment variable from VARIANT_ENV), nomaxpix, async; pend2048 sets
-# Ray Data LLM's max_pending_requests (bench arguments from VARIANT_ARGS; pend2048 is the preset's
-# value since 2026-12-01, so beside the preset it now differs only in being set on the command line).
+# Variants are engine kwargs in JSON, merged into the preset's, with bench arguments from
+# VARIANT_ARGS and an environment from VARIANT_ENV. Several name a lever that is now in the preset
+# (kept so the results files can be repeated): pend2048, seqs2048, async2048; async is vLLM's default.
 # Carry .device/kit (and .whl: py-spy for the profile). Every log lands in $OUT/logs.tgz, the JSON
 # lines in $OUT/results.jsonl; a summary table is printed last.
 set -u
@@ -58,13 +59,18 @@ if [ -d .whl ] && [ ! -x /tmp/site/bin/py-spy ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PATH=/tmp/site/bin:$PATH
-SIZES='[1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024]'
+SIZES1024='[1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024]'
+SIZES="${SIZES1024%]}, 1280, 1536, 1792, 2048]"  # the preset's CUDA graph sizes
 declare -A VARIANT=(
   [preset]='{}'
   [eager]='{"enforce_eager": true}'
   [nocompile]="{\"compilation_config\": {\"mode\": 0, \"cudagraph_mode\": \"FULL_DECODE_ONLY\", \"cudagraph_capture_sizes\": $SIZES}}"
-  [seqs2048]="{\"max_num_seqs\": 2048, \"compilation_config\": {\"cudagraph_capture_sizes\": ${SIZES%]}, 1280, 1536, 1792, 2048]}}"
-  [oldpreset]='{"compilation_config": {"max_cudagraph_capture_size": 1024}}'
+  # The preset before 2026-12-01's second session: 1,024 sequences, a queue of 2,048 (VARIANT_ARGS).
+  [seqs1024]="{\"max_num_seqs\": 1024, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES1024}}"
+  # 2,048 sequences and a queue of 4,096 (VARIANT_ARGS): the preset since 2026-12-01 (1.29x).
+  [seqs2048]="{\"max_num_seqs\": 2048, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES}}"
+  # The preset of 2026-11-30 (vLLM's 83 CUDA graph sizes up to 1,024, 32 concurrent batches).
+  [oldpreset]='{"max_num_seqs": 1024, "compilation_config": {"max_cudagraph_capture_size": 1024}}'
   # The vision encoder, a third of the engine core's thread at steady state (probe, 2026-11-30):
   # torch.compile'd (both vLLM versions), or captured in CUDA graphs (vLLM 0.26 only with its V1
   # model runner: its default V2 runner ignores cudagraph_mm_encoder; vLLM 0.29's V2 runner has it).
@@ -78,15 +84,23 @@ declare -A VARIANT=(
   # vLLM prepares an image only when its request enters the engine, so with the default only ~100
   # prepared requests wait when a wave of 1,024 finishes together (2026-12-01 logs: waiting 0,
   # running falls as low as 530-670 while the engine actor prepares the next ones one by one).
-  [pend2048]='{}'
-  # vLLM's async scheduling (CPU work of the next step while the GPU runs this one): no gain while
-  # the engine ran short of requests (2026-11-30, 99.2 against 102.4); not measured since.
-  [async]='{"async_scheduling": true}'
+  # Run at 1,024 sequences; the queue is now the preset's at 2,048 sequences.
+  [pend2048]="{\"max_num_seqs\": 1024, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES1024}}"
+  # vLLM's async scheduling (CPU work of the next step while the GPU runs this one): vLLM 0.26 and
+  # 0.29 turn it on by default (the log says "Asynchronous scheduling is enabled" for the preset
+  # too), so setting it changes nothing: 2026-12-01, one pair at 1,024 sequences, 150.53 against
+  # 137.81, is the spread between identical runs.
+  [async]="{\"async_scheduling\": true, \"max_num_seqs\": 1024, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES1024}}"
+  [async2048]="{\"async_scheduling\": true, \"max_num_seqs\": 2048, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES}}"
 )
 declare -A VARIANT_ENV=([mmgraph]=VLLM_USE_V2_MODEL_RUNNER=0)
 declare -A VARIANT_ARGS=(
-  [seqs2048]="--max-concurrent-batches 96 --max-pending-requests 4096"  # the preset's, doubled; not run yet
+  [seqs1024]="--max-pending-requests 2048 --max-concurrent-batches 48"
   [pend2048]="--max-pending-requests 2048 --max-concurrent-batches 48"
+  [async]="--max-pending-requests 2048 --max-concurrent-batches 48"
+  [seqs2048]="--max-concurrent-batches 96 --max-pending-requests 4096"
+  [async2048]="--max-concurrent-batches 96 --max-pending-requests 4096"
+  [oldpreset]="--max-concurrent-batches 32"  # with Ray Data LLM's default queue
 )
 left() { local s=$((START + DEADLINE_S - $(date +%s))); echo $((s > 1 ? s : 1)); }
 bench() {
@@ -255,16 +269,19 @@ steady)
   finish steady ;;
 alone)
   # One GPU (nvidia-h200, when two are not lent): the preset (P) and $ALONE_A (A) one after the
-  # other on one Ray cluster, in the order $ORDER (default "A P A"), N=6144 each. Not side by side:
-  # pair each run with its neighbours in the same call.
-  A=${ALONE_A:-async}
+  # other on one Ray cluster, in the order $ORDER (default "A P A"; any other word names a variant,
+  # e.g. ORDER="async P seqs2048"), N=6144 each. Not side by side: pair each run with its
+  # neighbours in the same call.
+  A=${ALONE_A:-seqs1024}
   cluster_up
   k=0
   for who in ${ORDER:-A P A}; do
-    if [ "$who" = P ]; then
+    v=$who
+    [ "$who" = A ] && v=$A
+    if [ "$v" = P ]; then
       bench -n 6144 --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label alone-preset
     else
-      benchv "$A" -n 6144 --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label "alone-$A"
+      benchv "$v" -n 6144 --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label "alone-$v"
     fi
     k=$((k + 1))
   done > "$L/a.txt" 2>&1

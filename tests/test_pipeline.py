@@ -8,6 +8,7 @@ vLLM stage returns only the finished output whatever the output kind, so FINAL_O
 in the results: the second test checks the SamplingParams that stage builds from the rows.
 """
 
+import copy
 import dataclasses
 
 import ray
@@ -80,3 +81,17 @@ def test_the_engine_holds_a_queue_of_prepared_requests_beyond_those_it_runs():
     assert pending == preset.max_pending_requests
     assert pending >= 2 * preset.engine_kwargs["max_num_seqs"]
     assert preset.batch_size * preset.max_concurrent_batches > pending
+
+
+# Config only: the GPU preset is tuned on the device's vLLM 0.26; this checks that the pinned vLLM
+# accepts every engine kwarg and keeps the batch limits (a kwarg it doesn't know raises here).
+def test_the_gpu_presets_engine_kwargs_make_a_valid_engine_config_on_the_pinned_vllm():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    preset = get_preset(smoke_test=False)
+    kwargs = copy.deepcopy(preset.engine_kwargs)
+    config = AsyncEngineArgs(model=resolve_model("tiny"), **kwargs).create_engine_config()
+    assert config.scheduler_config.max_num_seqs == kwargs["max_num_seqs"]
+    assert config.scheduler_config.max_num_batched_tokens == kwargs["max_num_batched_tokens"]
+    assert max(kwargs["compilation_config"]["cudagraph_capture_sizes"]) == kwargs["max_num_seqs"]
+    assert config.model_config.max_model_len == kwargs["max_model_len"]
