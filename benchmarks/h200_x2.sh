@@ -35,7 +35,8 @@
 #                                         (2026-12-01: pend2048 against Ray's default cap, 3 calls
 #                                         of 3, 3 and 2 runs; later ORDER="async P async2048",
 #                                         "async2048 P async2048", "async2048 P async", whose
-#                                         async2048 runs became the preset)
+#                                         async2048 runs became the preset). PROFILE_RUN=k
+#                                         profiles run k (py-spy, nvidia-smi, top) mid-run
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
 # Variants are engine kwargs in JSON, merged into the preset's, with bench arguments from
 # VARIANT_ARGS and an environment from VARIANT_ENV. Several name a lever that is now in the preset
@@ -273,18 +274,28 @@ alone)
   # e.g. ORDER="async P seqs2048"), N=6144 each. Not side by side: pair each run with its
   # neighbours in the same call.
   A=${ALONE_A:-seqs1024}
+  label_of() { local v=$1; [ "$v" = A ] && v=$A; [ "$v" = P ] && echo alone-preset || echo "alone-$v"; }
   cluster_up
+  # PROFILE_RUN=k: py-spy, nvidia-smi and top (profile_at) during run k (0-based) once it has
+  # ${PROFILE_AT_K:-3},000 rows out.
+  if [ -n "${PROFILE_RUN:-}" ]; then
+    read -r -a who_list <<< "${ORDER:-A P A}"
+    lab=$(label_of "${who_list[$PROFILE_RUN]}")
+    profile_at "$L/logs/$PROFILE_RUN/pipeline-$lab-0.log" "run$PROFILE_RUN-$lab" "${PROFILE_AT_K:-3}" &
+    prof=$!
+  fi
   k=0
   for who in ${ORDER:-A P A}; do
     v=$who
     [ "$who" = A ] && v=$A
     if [ "$v" = P ]; then
-      bench -n 6144 --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label alone-preset
+      bench -n 6144 --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label "$(label_of P)"
     else
-      benchv "$v" -n 6144 --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label "alone-$v"
+      benchv "$v" -n 6144 --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label "$(label_of "$v")"
     fi
     k=$((k + 1))
   done > "$L/a.txt" 2>&1
+  [ -n "${prof:-}" ] && kill "$prof" 2>/dev/null
   finish alone ;;
 tenk)
   A=${TENK_A:-preset}
