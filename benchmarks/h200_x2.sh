@@ -62,14 +62,19 @@ fi
 export PATH=/tmp/site/bin:$PATH
 SIZES1024='[1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024]'
 SIZES="${SIZES1024%]}, 1280, 1536, 1792, 2048]"  # the preset's CUDA graph sizes
+# The two engine sizes and their queues (bench arguments), shared by the variants below.
+SEQS1024="\"max_num_seqs\": 1024, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES1024}"
+SEQS2048="\"max_num_seqs\": 2048, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES}"
+QUEUE2048="--max-pending-requests 2048 --max-concurrent-batches 48"
+QUEUE4096="--max-pending-requests 4096 --max-concurrent-batches 96"
 declare -A VARIANT=(
   [preset]='{}'
   [eager]='{"enforce_eager": true}'
   [nocompile]="{\"compilation_config\": {\"mode\": 0, \"cudagraph_mode\": \"FULL_DECODE_ONLY\", \"cudagraph_capture_sizes\": $SIZES}}"
   # The preset before 2026-12-01's second session: 1,024 sequences, a queue of 2,048 (VARIANT_ARGS).
-  [seqs1024]="{\"max_num_seqs\": 1024, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES1024}}"
+  [seqs1024]="{$SEQS1024}"
   # 2,048 sequences and a queue of 4,096 (VARIANT_ARGS): the preset since 2026-12-01 (1.29x).
-  [seqs2048]="{\"max_num_seqs\": 2048, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES}}"
+  [seqs2048]="{$SEQS2048}"
   # The preset of 2026-11-30 (vLLM's 83 CUDA graph sizes up to 1,024, 32 concurrent batches).
   [oldpreset]='{"max_num_seqs": 1024, "compilation_config": {"max_cudagraph_capture_size": 1024}}'
   # The vision encoder, a third of the engine core's thread at steady state (probe, 2026-11-30):
@@ -86,21 +91,21 @@ declare -A VARIANT=(
   # prepared requests wait when a wave of 1,024 finishes together (2026-12-01 logs: waiting 0,
   # running falls as low as 530-670 while the engine actor prepares the next ones one by one).
   # Run at 1,024 sequences; the queue is now the preset's at 2,048 sequences.
-  [pend2048]="{\"max_num_seqs\": 1024, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES1024}}"
+  [pend2048]="{$SEQS1024}"
   # vLLM's async scheduling (CPU work of the next step while the GPU runs this one): vLLM 0.26 and
   # 0.29 turn it on by default (the log says "Asynchronous scheduling is enabled" for the preset
   # too), so setting it changes nothing: 2026-12-01, one pair at 1,024 sequences, 150.53 against
   # 137.81, is the spread between identical runs.
-  [async]="{\"async_scheduling\": true, \"max_num_seqs\": 1024, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES1024}}"
-  [async2048]="{\"async_scheduling\": true, \"max_num_seqs\": 2048, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES}}"
+  [async]="{\"async_scheduling\": true, $SEQS1024}"
+  [async2048]="{\"async_scheduling\": true, $SEQS2048}"
 )
 declare -A VARIANT_ENV=([mmgraph]=VLLM_USE_V2_MODEL_RUNNER=0)
 declare -A VARIANT_ARGS=(
-  [seqs1024]="--max-pending-requests 2048 --max-concurrent-batches 48"
-  [pend2048]="--max-pending-requests 2048 --max-concurrent-batches 48"
-  [async]="--max-pending-requests 2048 --max-concurrent-batches 48"
-  [seqs2048]="--max-concurrent-batches 96 --max-pending-requests 4096"
-  [async2048]="--max-concurrent-batches 96 --max-pending-requests 4096"
+  [seqs1024]=$QUEUE2048
+  [pend2048]=$QUEUE2048
+  [async]=$QUEUE2048
+  [seqs2048]=$QUEUE4096
+  [async2048]=$QUEUE4096
   [oldpreset]="--max-concurrent-batches 32"  # with Ray Data LLM's default queue
 )
 left() { local s=$((START + DEADLINE_S - $(date +%s))); echo $((s > 1 ? s : 1)); }
@@ -274,7 +279,8 @@ alone)
   # e.g. ORDER="async P seqs2048"), N=6144 each. Not side by side: pair each run with its
   # neighbours in the same call.
   A=${ALONE_A:-seqs1024}
-  label_of() { local v=$1; [ "$v" = A ] && v=$A; [ "$v" = P ] && echo alone-preset || echo "alone-$v"; }
+  variant_of() { [ "$1" = A ] && echo "$A" || echo "$1"; }
+  label_of() { local v; v=$(variant_of "$1"); [ "$v" = P ] && echo alone-preset || echo "alone-$v"; }
   cluster_up
   # PROFILE_RUN=k: py-spy, nvidia-smi and top (profile_at) during run k (0-based) once it has
   # ${PROFILE_AT_K:-3},000 rows out.
@@ -286,8 +292,7 @@ alone)
   fi
   k=0
   for who in ${ORDER:-A P A}; do
-    v=$who
-    [ "$who" = A ] && v=$A
+    v=$(variant_of "$who")
     if [ "$v" = P ]; then
       bench -n 6144 --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label "$(label_of P)"
     else
