@@ -31,7 +31,7 @@
 #                                         (carry .nbtools: run_notebook_cells.py, make_random_weights.py)
 #   bash benchmarks/h200_x2.sh alone      one GPU: $ALONE_A (default seqs1024) and the preset one
 #                                         after the other, order $ORDER (default "A P A"; other
-#                                         words name variants), N=6144
+#                                         words name variants), N=$ALONE_N (default 6144)
 #                                         (2026-12-01: pend2048 against Ray's default cap, 3 calls
 #                                         of 3, 3 and 2 runs; later ORDER="async P async2048",
 #                                         "async2048 P async2048", "async2048 P async", whose
@@ -67,6 +67,9 @@ SEQS1024="\"max_num_seqs\": 1024, \"compilation_config\": {\"cudagraph_capture_s
 SEQS2048="\"max_num_seqs\": 2048, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES}"
 QUEUE2048="--max-pending-requests 2048 --max-concurrent-batches 48"
 QUEUE4096="--max-pending-requests 4096 --max-concurrent-batches 96"
+SIZES4096="${SIZES%]}, 2560, 3072, 3584, 4096]"
+SEQS4096="\"max_num_seqs\": 4096, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES4096}"
+QUEUE8192="--max-pending-requests 8192 --max-concurrent-batches 192"
 declare -A VARIANT=(
   [preset]='{}'
   [eager]='{"enforce_eager": true}'
@@ -75,6 +78,9 @@ declare -A VARIANT=(
   [seqs1024]="{$SEQS1024}"
   # 2,048 sequences and a queue of 4,096 (VARIANT_ARGS): the preset since 2026-12-01 (1.29x).
   [seqs2048]="{$SEQS2048}"
+  # Twice that again: 4,096 sequences, a queue of 8,192, graph sizes up to 4,096. A wave is then
+  # 4,096 images: run it with ALONE_N=12288 (three waves) so the steady window holds two.
+  [seqs4096]="{$SEQS4096}"
   # The preset of 2026-11-30 (vLLM's 83 CUDA graph sizes up to 1,024, 32 concurrent batches).
   [oldpreset]='{"max_num_seqs": 1024, "compilation_config": {"max_cudagraph_capture_size": 1024}}'
   # The vision encoder, a third of the engine core's thread at steady state (probe, 2026-11-30):
@@ -106,6 +112,7 @@ declare -A VARIANT_ARGS=(
   [async]=$QUEUE2048
   [seqs2048]=$QUEUE4096
   [async2048]=$QUEUE4096
+  [seqs4096]=$QUEUE8192
   [oldpreset]="--max-concurrent-batches 32"  # with Ray Data LLM's default queue
 )
 left() { local s=$((START + DEADLINE_S - $(date +%s))); echo $((s > 1 ? s : 1)); }
@@ -148,10 +155,14 @@ profile_at() {
   nvidia-smi --query-gpu=index,pci.bus_id,utilization.gpu,memory.used --format=csv > "$d/gpus.csv" 2>&1
   nvidia-smi dmon -s u -c 12 > "$d/dmon.txt" 2>&1 &
   top -b -H -n 2 -d 5 -w 250 | awk '/^top -/{n++} n==2' | head -60 > "$d/top-threads.txt" 2>&1 &
-  for pid in $(engine_pids); do
-    py-spy dump --pid "$pid" > "$d/dump-$pid.txt" 2>&1
-    timeout 40 py-spy record --pid "$pid" -d 10 -r 100 --idle --threads --format raw -o "$d/rec-$pid.txt" > "$d/rec-$pid.log" 2>&1 &
-  done
+  # PROFILE_PYSPY=0: the GPU's and top's view only (py-spy stops the process at every sample,
+  # which slows the run it profiles).
+  if [ "${PROFILE_PYSPY:-1}" = 1 ]; then
+    for pid in $(engine_pids); do
+      py-spy dump --pid "$pid" > "$d/dump-$pid.txt" 2>&1
+      timeout 40 py-spy record --pid "$pid" -d 10 -r 100 --idle --threads --format raw -o "$d/rec-$pid.txt" > "$d/rec-$pid.log" 2>&1 &
+    done
+  fi
   wait
 }
 # py-spy dumps of every engine-core process and its engine actor, every 3 s for 30 s after LOG shows
@@ -282,25 +293,27 @@ alone)
   variant_of() { [ "$1" = A ] && echo "$A" || echo "$1"; }
   label_of() { local v; v=$(variant_of "$1"); [ "$v" = P ] && echo alone-preset || echo "alone-$v"; }
   cluster_up
-  # PROFILE_RUN=k: py-spy, nvidia-smi and top (profile_at) during run k (0-based) once it has
-  # ${PROFILE_AT_K:-3},000 rows out.
-  if [ -n "${PROFILE_RUN:-}" ]; then
-    read -r -a who_list <<< "${ORDER:-A P A}"
-    lab=$(label_of "${who_list[$PROFILE_RUN]}")
-    profile_at "$L/logs/$PROFILE_RUN/pipeline-$lab-0.log" "run$PROFILE_RUN-$lab" "${PROFILE_AT_K:-3}" &
-    prof=$!
-  fi
+  # PROFILE_RUN="k ...": py-spy, nvidia-smi and top (profile_at) during each run k (0-based) once
+  # it has ${PROFILE_AT_K:-3},000 rows out (PROFILE_PYSPY=0: without py-spy).
+  n=${ALONE_N:-6144}
+  read -r -a who_list <<< "${ORDER:-A P A}"
+  profs=()
+  for pk in ${PROFILE_RUN:-}; do
+    lab=$(label_of "${who_list[$pk]}")
+    profile_at "$L/logs/$pk/pipeline-$lab-0.log" "run$pk-$lab" "${PROFILE_AT_K:-3}" &
+    profs+=($!)
+  done
   k=0
-  for who in ${ORDER:-A P A}; do
+  for who in "${who_list[@]}"; do
     v=$(variant_of "$who")
     if [ "$v" = P ]; then
-      bench -n 6144 --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label "$(label_of P)"
+      bench -n "$n" --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label "$(label_of P)"
     else
-      benchv "$v" -n 6144 --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label "$(label_of "$v")"
+      benchv "$v" -n "$n" --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label "$(label_of "$v")"
     fi
     k=$((k + 1))
   done > "$L/a.txt" 2>&1
-  [ -n "${prof:-}" ] && kill "$prof" 2>/dev/null
+  [ ${#profs[@]} -gt 0 ] && kill "${profs[@]}" 2>/dev/null
   finish alone ;;
 tenk)
   A=${TENK_A:-preset}
