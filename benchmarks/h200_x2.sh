@@ -29,18 +29,22 @@
 #                                         (needs the compressed-tensors and loguru wheels in .whl)
 #   bash benchmarks/h200_x2.sh notebook   the unmodified notebook with the GPU preset, random weights
 #                                         (carry .nbtools: run_notebook_cells.py, make_random_weights.py)
-#   bash benchmarks/h200_x2.sh alone      one GPU: $ALONE_A (default seqs1024) and the preset one
+#   bash benchmarks/h200_x2.sh alone      one GPU: $ALONE_A (default seqs2048) and the preset one
 #                                         after the other, order $ORDER (default "A P A"; other
 #                                         words name variants), N=$ALONE_N (default 6144)
 #                                         (2026-12-01: pend2048 against Ray's default cap, 3 calls
 #                                         of 3, 3 and 2 runs; later ORDER="async P async2048",
 #                                         "async2048 P async2048", "async2048 P async", whose
-#                                         async2048 runs became the preset). PROFILE_RUN=k
+#                                         async2048 runs became the preset; then ALONE_N=12288,
+#                                         ORDER="seqs4096 P", "P seqs4096", "seqs4096 P" with
+#                                         PROFILE_RUN="0 1" PROFILE_PYSPY=0, whose seqs4096 runs
+#                                         became the preset). PROFILE_RUN=k
 #                                         profiles run k (py-spy, nvidia-smi, top) mid-run
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
 # Variants are engine kwargs in JSON, merged into the preset's, with bench arguments from
 # VARIANT_ARGS and an environment from VARIANT_ENV. Several name a lever that is now in the preset
-# (kept so the results files can be repeated): pend2048, seqs2048, async2048; async is vLLM's default.
+# (kept so the results files can be repeated): pend2048, seqs4096; seqs2048 and async2048 are the
+# preset before it, seqs1024 the one before that; async is vLLM's default.
 # Carry .device/kit (and .whl: py-spy for the profile). Every log lands in $OUT/logs.tgz, the JSON
 # lines in $OUT/results.jsonl; a summary table is printed last.
 set -u
@@ -61,7 +65,7 @@ if [ -d .whl ] && [ ! -x /tmp/site/bin/py-spy ]; then
 fi
 export PATH=/tmp/site/bin:$PATH
 SIZES1024='[1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024]'
-SIZES="${SIZES1024%]}, 1280, 1536, 1792, 2048]"  # the preset's CUDA graph sizes
+SIZES="${SIZES1024%]}, 1280, 1536, 1792, 2048]"
 # The two engine sizes and their queues (bench arguments), shared by the variants below.
 SEQS1024="\"max_num_seqs\": 1024, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES1024}"
 SEQS2048="\"max_num_seqs\": 2048, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES}"
@@ -73,21 +77,23 @@ QUEUE8192="--max-pending-requests 8192 --max-concurrent-batches 192"
 declare -A VARIANT=(
   [preset]='{}'
   [eager]='{"enforce_eager": true}'
-  [nocompile]="{\"compilation_config\": {\"mode\": 0, \"cudagraph_mode\": \"FULL_DECODE_ONLY\", \"cudagraph_capture_sizes\": $SIZES}}"
+  [nocompile]="{\"compilation_config\": {\"mode\": 0, \"cudagraph_mode\": \"FULL_DECODE_ONLY\", \"cudagraph_capture_sizes\": $SIZES4096}}"
   # The preset before 2026-12-01's second session: 1,024 sequences, a queue of 2,048 (VARIANT_ARGS).
   [seqs1024]="{$SEQS1024}"
-  # 2,048 sequences and a queue of 4,096 (VARIANT_ARGS): the preset since 2026-12-01 (1.29x).
+  # 2,048 sequences and a queue of 4,096 (VARIANT_ARGS): the preset of 2026-12-01's second
+  # session (1.29x over seqs1024).
   [seqs2048]="{$SEQS2048}"
-  # Twice that again: 4,096 sequences, a queue of 8,192, graph sizes up to 4,096. A wave is then
-  # 4,096 images: run it with ALONE_N=12288 (three waves) so the steady window holds two.
+  # Twice that again: 4,096 sequences, a queue of 8,192, graph sizes up to 4,096: the preset
+  # since 2026-12-01's third session (1.14x over seqs2048). A wave is then 4,096 images: run it
+  # with ALONE_N=12288 (three waves) so the steady window holds two.
   [seqs4096]="{$SEQS4096}"
   # The preset of 2026-11-30 (vLLM's 83 CUDA graph sizes up to 1,024, 32 concurrent batches).
   [oldpreset]='{"max_num_seqs": 1024, "compilation_config": {"max_cudagraph_capture_size": 1024}}'
   # The vision encoder, a third of the engine core's thread at steady state (probe, 2026-11-30):
   # torch.compile'd (both vLLM versions), or captured in CUDA graphs (vLLM 0.26 only with its V1
   # model runner: its default V2 runner ignores cudagraph_mm_encoder; vLLM 0.29's V2 runner has it).
-  [mmcompile]="{\"compilation_config\": {\"compile_mm_encoder\": true, \"cudagraph_capture_sizes\": $SIZES}}"
-  [mmgraph]="{\"compilation_config\": {\"cudagraph_mm_encoder\": true, \"cudagraph_capture_sizes\": $SIZES}}"
+  [mmcompile]="{\"compilation_config\": {\"compile_mm_encoder\": true, \"cudagraph_capture_sizes\": $SIZES4096}}"
+  [mmgraph]="{\"compilation_config\": {\"cudagraph_mm_encoder\": true, \"cudagraph_capture_sizes\": $SIZES4096}}"
   # Without the preset's mm_processor_kwargs: transformers deep-copies the processor kwargs, with
   # vLLM's tokenizer among them, when vLLM builds the HF processor at the first request
   # (2026-12-01, steady REPEAT=3: one pair fit; the wait was not shorter).
@@ -289,7 +295,7 @@ alone)
   # other on one Ray cluster, in the order $ORDER (default "A P A"; any other word names a variant,
   # e.g. ORDER="async P seqs2048"), N=6144 each. Not side by side: pair each run with its
   # neighbours in the same call.
-  A=${ALONE_A:-seqs1024}
+  A=${ALONE_A:-seqs2048}
   variant_of() { [ "$1" = A ] && echo "$A" || echo "$1"; }
   label_of() { local v; v=$(variant_of "$1"); [ "$v" = P ] && echo alone-preset || echo "alone-$v"; }
   cluster_up
@@ -330,8 +336,9 @@ scale)
   finish scale ;;
 fp8)
   cluster_up
-  bench -n 6144 --runs fp8 --workdir /tmp/bw_a --label fp8 > "$L/a.txt" 2>&1 &
-  bench -n 6144 --runs pipeline --workdir /tmp/bw_b --label bf16 > "$L/b.txt" 2>&1 &
+  # 12,288 images: three waves of the preset's 4,096 sequences.
+  bench -n 12288 --runs fp8 --workdir /tmp/bw_a --label fp8 > "$L/a.txt" 2>&1 &
+  bench -n 12288 --runs pipeline --workdir /tmp/bw_b --label bf16 > "$L/b.txt" 2>&1 &
   wait
   finish fp8 ;;
 notebook)

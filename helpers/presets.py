@@ -71,32 +71,34 @@ PRESETS: dict[str, Preset] = {
         batch_size=64,
         concurrency=1,
         max_tokens=256,
-        # 6,144 rows in the engine stage, 4,096 of them inside the engine: 2,048 running and up to
-        # 2,048 prepared and queued. With Ray Data LLM's default cap (1.1 x max_num_seqs) the queue
+        # 12,288 rows in the engine stage, 8,192 of them inside the engine: 4,096 running and up to
+        # 4,096 prepared and queued. With Ray Data LLM's default cap (1.1 x max_num_seqs) the queue
         # ran dry whenever a wave of requests finished together, and the engine waited while its
         # actor prepared the next images one by one (1.19x steady with twice the cap at 1,024
         # sequences; benchmarks/results/).
-        max_concurrent_batches=96,
-        max_pending_requests=4096,
+        max_concurrent_batches=192,
+        max_pending_requests=8192,
         scale_up_images=1_000_000,
         scale_up_concurrency=4,
-        # Tuned on one H200 (benchmarks/results/): 2,048 sequences at once against 1,024 (each
-        # with a queue of as many again): 165.0 against 134.4 images/s steady (medians of 3 runs,
-        # one after the other; 1.29x, median of 3 neighbouring pairs). The bigger first wave
-        # delays the first caption by about 10 s. KV cache use stays under 20%. vLLM already
-        # schedules asynchronously by default (its log: "Asynchronous scheduling is enabled").
-        # Compiling or graphing the vision encoder did not help on vLLM 0.26; see the notebook's
-        # performance section.
+        # Tuned on one H200 (benchmarks/results/), each step against the one before, runs one
+        # after the other: 4,096 sequences at once against 2,048 (each with a queue of as many
+        # again): 194.5 against 165.5 images/s steady (medians of 3 runs at 12,288 images; 1.14x,
+        # median of 3 neighbouring pairs); 2,048 against 1,024 was 1.29x. Each doubling makes the
+        # first wave bigger: the first captions come about 20 s later than with 2,048, so this
+        # pays off from about 15,000 images. KV cache use stays under 35%. vLLM already schedules
+        # asynchronously by default (its log: "Asynchronous scheduling is enabled"). Compiling or
+        # graphing the vision encoder did not help on vLLM 0.26; see the notebook's performance
+        # section.
         engine_kwargs={
             "max_model_len": 4096,
-            "max_num_seqs": 2048,
+            "max_num_seqs": 4096,
             "max_num_batched_tokens": 16384,
-            # CUDA graphs up to the full decode batch (vLLM's default stops at 512), for 19 batch
-            # sizes instead of vLLM's 83: capture took 2-3 s instead of 9-12 s on an H200, with
+            # CUDA graphs up to the full decode batch (vLLM's default stops at 512), for 23 batch
+            # sizes instead of vLLM's 83: capture took 2-4 s instead of 9-12 s on an H200, with
             # no measurable change in steady throughput (side by side, benchmarks/results/).
             "compilation_config": {
-                "cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024]
-                + [1280, 1536, 1792, 2048]
+                "cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896]
+                + [1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096]
             },
             "enable_prefix_caching": True,  # every request shares the system prompt
             "gpu_memory_utilization": 0.9,
