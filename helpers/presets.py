@@ -85,7 +85,8 @@ PRESETS: dict[str, Preset] = {
         # again): 194.5 against 165.5 images/s steady (medians of 3 runs at 12,288 images; 1.14x,
         # median of 3 neighbouring pairs); 2,048 against 1,024 was 1.29x. Each doubling makes the
         # first wave bigger: the first captions come about 20 s later than with 2,048, so this
-        # pays off from about 15,000 images. KV cache use stays under 35%. vLLM already schedules
+        # pays off from about 15,000 images. The KV cache peaked at 41 GiB (35% of an H200's): on
+        # a GPU under 80 GB run 2,048 (as job.yaml does for a 48 GB L40S). vLLM already schedules
         # asynchronously by default (its log: "Asynchronous scheduling is enabled"). Compiling or
         # graphing the vision encoder did not help on vLLM 0.26; see the notebook's performance
         # section.

@@ -19,6 +19,8 @@ def test_job_yaml_is_a_valid_anyscale_job_config():
     assert (program, script) == ("python", "batch_inference_vision.py")
     parsed = parse_args(args)  # the job would accept its entrypoint's options
     assert parsed.output.startswith("/mnt/cluster_storage/") and parsed.limit == 10_000
+    # The example's 48 GB GPUs hold the KV cache of 2,048 sequences, not the preset's 4,096.
+    assert parsed.engine_kwargs == {"max_num_seqs": 2048}
     assert config.max_retries > 0  # a retry resumes, so retries are cheap
 
 
