@@ -71,7 +71,7 @@ SEQS1024="\"max_num_seqs\": 1024, \"compilation_config\": {\"cudagraph_capture_s
 SEQS2048="\"max_num_seqs\": 2048, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES}"
 QUEUE2048="--max-pending-requests 2048 --max-concurrent-batches 48"
 QUEUE4096="--max-pending-requests 4096 --max-concurrent-batches 96"
-SIZES4096="${SIZES%]}, 2560, 3072, 3584, 4096]"
+SIZES4096="${SIZES%]}, 2560, 3072, 3584, 4096]"  # the preset's CUDA graph sizes
 SEQS4096="\"max_num_seqs\": 4096, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES4096}"
 QUEUE8192="--max-pending-requests 8192 --max-concurrent-batches 192"
 declare -A VARIANT=(
@@ -293,7 +293,7 @@ steady)
 alone)
   # One GPU (nvidia-h200, when two are not lent): the preset (P) and $ALONE_A (A) one after the
   # other on one Ray cluster, in the order $ORDER (default "A P A"; any other word names a variant,
-  # e.g. ORDER="async P seqs2048"), N=6144 each. Not side by side: pair each run with its
+  # e.g. ORDER="async P seqs2048"), N=$ALONE_N (default 6144) each. Not side by side: pair each run with its
   # neighbours in the same call.
   A=${ALONE_A:-seqs2048}
   variant_of() { [ "$1" = A ] && echo "$A" || echo "$1"; }
