@@ -6,6 +6,9 @@ test runs that configuration on the smoke preset's engine: the captions come fro
 stage (with that stage off they come back empty: the engine honours detokenize=False). Ray's
 vLLM stage returns only the finished output whatever the output kind, so FINAL_ONLY can't be seen
 in the results: the second test checks the SamplingParams that stage builds from the rows.
+The last three check the GPU preset's configuration without running it (a GPU is needed for
+that): its fixed pool of replicas, its queue of prepared requests, and its engine kwargs against
+the pinned vLLM.
 """
 
 import copy
