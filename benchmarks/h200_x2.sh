@@ -87,6 +87,12 @@ declare -A VARIANT=(
   # since 2026-12-01's third session (1.14x over seqs2048). A wave is then 4,096 images: run it
   # with ALONE_N=12288 (three waves) so the steady window holds two.
   [seqs4096]="{$SEQS4096}"
+  # The same 4,096 sequences as two engines of 2,048 on one GPU (VARIANT_ARGS: two replicas of half
+  # a GPU each), so two engine-core threads and two engine actors feed it: at 4,096 both threads of
+  # one engine were busy 83-98% (2026-12-01). Each gets a fixed KV cache (2,048 sequences peaked at
+  # 22.6 GiB), or the second engine finds no memory left when both profile at once (2026-11-30).
+  # Not run yet; with ALONE_N=12288 each engine gets 6,144 images, three waves of 2,048.
+  [two2048]="{$SEQS2048, \"gpu_memory_utilization\": 0.45, \"kv_cache_memory_bytes\": 30064771072}"
   # The preset of 2026-11-30 (vLLM's 83 CUDA graph sizes up to 1,024, 32 concurrent batches).
   [oldpreset]='{"max_num_seqs": 1024, "compilation_config": {"max_cudagraph_capture_size": 1024}}'
   # The vision encoder, a third of the engine core's thread at steady state (probe, 2026-11-30):
@@ -119,6 +125,7 @@ declare -A VARIANT_ARGS=(
   [seqs2048]=$QUEUE4096
   [async2048]=$QUEUE4096
   [seqs4096]=$QUEUE8192
+  [two2048]="$QUEUE4096 --concurrency 2 --placement-group-config {\"bundle_per_worker\":{\"GPU\":0.5,\"CPU\":1}}"
   [oldpreset]="--max-concurrent-batches 32"  # with Ray Data LLM's default queue
 )
 left() { local s=$((START + DEADLINE_S - $(date +%s))); echo $((s > 1 ? s : 1)); }
