@@ -60,7 +60,9 @@ def parse_args(argv=None):
     p.add_argument("-n", "--num-images", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")
-    p.add_argument("--engine-kwargs", type=json.loads, default={}, help="JSON merged into the preset's")
+    p.add_argument(
+        "--engine-kwargs", type=json.loads, default={}, help="JSON merged into the preset's (dicts by key)"
+    )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--concurrency", type=int)
     p.add_argument("--max-concurrent-batches", type=int)
@@ -159,7 +161,12 @@ def settings(args, run: str):
     from helpers.presets import get_preset
 
     preset = get_preset(args.smoke)
-    engine_kwargs = {**preset.engine_kwargs, **args.engine_kwargs}
+    # One level deep, so a variant that sets one compilation_config key keeps the preset's others.
+    engine_kwargs = dict(preset.engine_kwargs)
+    for key, value in args.engine_kwargs.items():
+        base = engine_kwargs.get(key)
+        both_dicts = isinstance(base, dict) and isinstance(value, dict)
+        engine_kwargs[key] = {**base, **value} if both_dicts else value
     batch_size, concurrency = args.batch_size or preset.batch_size, args.concurrency or preset.concurrency
     if args.max_concurrent_batches:
         preset = dataclasses.replace(preset, max_concurrent_batches=args.max_concurrent_batches)

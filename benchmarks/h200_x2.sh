@@ -41,7 +41,8 @@
 #                                         became the preset). PROFILE_RUN=k
 #                                         profiles run k (py-spy, nvidia-smi, top) mid-run
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
-# Variants are engine kwargs in JSON, merged into the preset's, with bench arguments from
+# Variants are engine kwargs in JSON, merged into the preset's (a dict such as compilation_config key
+# by key: a variant names only what it changes), with bench arguments from
 # VARIANT_ARGS and an environment from VARIANT_ENV. Several name a lever that is now in the preset
 # (kept so the results files can be repeated): pend2048, seqs4096; seqs2048 and async2048 are the
 # preset before it, seqs1024 the one before that; async is vLLM's default.
@@ -77,7 +78,7 @@ QUEUE8192="--max-pending-requests 8192 --max-concurrent-batches 192"
 declare -A VARIANT=(
   [preset]='{}'
   [eager]='{"enforce_eager": true}'
-  [nocompile]="{\"compilation_config\": {\"mode\": 0, \"cudagraph_mode\": \"FULL_DECODE_ONLY\", \"cudagraph_capture_sizes\": $SIZES4096}}"
+  [nocompile]='{"compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}}'
   # The preset before 2026-12-01's second session: 1,024 sequences, a queue of 2,048 (VARIANT_ARGS).
   [seqs1024]="{$SEQS1024}"
   # 2,048 sequences and a queue of 4,096 (VARIANT_ARGS): the preset of 2026-12-01's second
@@ -94,12 +95,12 @@ declare -A VARIANT=(
   # Not run yet; with ALONE_N=12288 each engine gets 6,144 images, three waves of 2,048.
   [two2048]="{$SEQS2048, \"gpu_memory_utilization\": 0.45, \"kv_cache_memory_bytes\": 30064771072}"
   # The preset of 2026-11-30 (vLLM's 83 CUDA graph sizes up to 1,024, 32 concurrent batches).
-  [oldpreset]='{"max_num_seqs": 1024, "compilation_config": {"max_cudagraph_capture_size": 1024}}'
+  [oldpreset]='{"max_num_seqs": 1024, "compilation_config": {"cudagraph_capture_sizes": null, "max_cudagraph_capture_size": 1024}}'
   # The vision encoder, a third of the engine core's thread at steady state (probe, 2026-11-30):
   # torch.compile'd (both vLLM versions), or captured in CUDA graphs (vLLM 0.26 only with its V1
   # model runner: its default V2 runner ignores cudagraph_mm_encoder; vLLM 0.29's V2 runner has it).
-  [mmcompile]="{\"compilation_config\": {\"compile_mm_encoder\": true, \"cudagraph_capture_sizes\": $SIZES4096}}"
-  [mmgraph]="{\"compilation_config\": {\"cudagraph_mm_encoder\": true, \"cudagraph_capture_sizes\": $SIZES4096}}"
+  [mmcompile]='{"compilation_config": {"compile_mm_encoder": true}}'
+  [mmgraph]='{"compilation_config": {"cudagraph_mm_encoder": true}}'
   # Without the preset's mm_processor_kwargs: transformers deep-copies the processor kwargs, with
   # vLLM's tokenizer among them, when vLLM builds the HF processor at the first request
   # (2026-12-01, steady REPEAT=3: one pair fit; the wait was not shorter).

@@ -33,6 +33,9 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
         # The flag behind h200_x2.sh's pend2048 and seqs2048 (Ray Data LLM's max_pending_requests).
         "--max-pending-requests",
         "12",
+        # h200_x2.sh's variants name only the compilation_config keys they change.
+        "--engine-kwargs",
+        '{"limit_mm_per_prompt": {"image": 1}}',
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -48,6 +51,7 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
     assert original["batch_size"] == 16 and original["final_only"] is False and original["detokenize"] is True
     assert "max_num_seqs" in pipeline["engine_kwargs"] and "max_num_seqs" not in original["engine_kwargs"]
     assert pipeline["placement_group_config"] == {"bundle_per_worker": {"CPU": 2}}
+    assert pipeline["engine_kwargs"]["limit_mm_per_prompt"] == {"image": 1, "video": 0}  # merged key by key
     assert original["placement_group_config"] == {"bundle_per_worker": {"CPU": 1}}  # the tutorial's
     assert pipeline["env_vars"]["BENCH_ENV_MARK"] == "1"  # recorded with the run it changed
     # Recorded, and what the engine actor used (its own log line); the original keeps Ray's default.
