@@ -22,10 +22,14 @@
 #                                         N=6144 (2026-11-30, STEADY_B=oldpreset: 2 runs each fit)
 #   bash benchmarks/h200_x2.sh tenk       ours ($TENK_A) and the original settings, 10,000 images
 #                                         each, side by side (one GPU each, one Ray cluster), both
-#                                         with warm compile caches when run after `startup` on the
-#                                         same machine; then GPU A: $FILL_A, N=4096 (about 400 s)
-#   bash benchmarks/h200_x2.sh scale      ours with two engine replicas (one per GPU), 2N images
-#   bash benchmarks/h200_x2.sh fp8        the preset with quantization=fp8 (GPU A) beside bf16 (GPU B)
+#                                         with warm compile caches when each configuration ran
+#                                         earlier on the same machine; then $FILL_A on GPU A and
+#                                         $FILL_B on GPU B (see fill)
+#   bash benchmarks/h200_x2.sh scale      ours with two engine replicas (the fixed pool (2, 2), one
+#                                         per GPU) and with one, $SCALE_N images per replica, one
+#                                         after the other
+#   bash benchmarks/h200_x2.sh fp8        the preset with quantization=fp8 (GPU A) beside bf16 (GPU B),
+#                                         N=12288, then $FILL_A / $FILL_B
 #                                         (needs the compressed-tensors and loguru wheels in .whl)
 #   bash benchmarks/h200_x2.sh notebook   the unmodified notebook with the GPU preset, random weights
 #                                         (carry .nbtools: run_notebook_cells.py, make_random_weights.py)
@@ -235,6 +239,17 @@ beside_preset() {
   benchv "$2" -n 6144 --runs pipeline --repeat "${REPEAT:-3}" --workdir /tmp/bw_b --label "$1-$2" > "$L/b.txt" 2>&1 &
   wait
 }
+# After a step's run on GPU a or b: variant $1 (original: the original settings; fp8: the preset
+# in fp8; else a variant of VARIANT) with $FILL_N (2,048) images, e.g. to warm a configuration's
+# compile cache for a later call on the same machine. Nothing when $1 is empty.
+fill() {
+  local v=$1 n=${FILL_N:-2048}
+  [ -z "$v" ] && return
+  case "$v" in
+  original | fp8) bench -n "$n" --runs "$v" --workdir "/tmp/bw_$2" --label "fill-$v" ;;
+  *) benchv "$v" -n "$n" --runs pipeline --workdir "/tmp/bw_$2" --label "fill-$v" ;;
+  esac
+}
 finish() {
   kill $WHERE 2>/dev/null
   cluster_down
@@ -334,19 +349,29 @@ tenk)
   cluster_up
   {
     benchv "$A" -n "$N" --runs pipeline --workdir /tmp/bw_a --label "tenk-$A"
-    [ -n "${FILL_A:-}" ] && benchv "$FILL_A" -n 4096 --runs pipeline --workdir /tmp/bw_a --label "$FILL_A"
+    fill "${FILL_A:-}" a
   } > "$L/a.txt" 2>&1 &
-  bench -n "$N" --runs original --workdir /tmp/bw_b --label tenk > "$L/b.txt" 2>&1 &
+  {
+    bench -n "$N" --runs original --workdir /tmp/bw_b --label tenk
+    fill "${FILL_B:-}" b
+  } > "$L/b.txt" 2>&1 &
   wait
   finish tenk ;;
 scale)
-  bench -n $((2 * N)) --runs pipeline --concurrency 2 --workdir /tmp/bw_scale --label scale2 > "$L/scale.txt" 2>&1
+  # Two replicas (the fixed pool (2, 2), one per GPU) and one, the same $SCALE_N (12,288: three
+  # waves of 4,096) per replica, one after the other on one Ray cluster, in the order $SCALE_ORDER
+  # (words 1 and 2: replicas).
+  cluster_up
+  n=${SCALE_N:-12288}
+  for r in ${SCALE_ORDER:-2 1}; do
+    bench -n $((r * n)) --runs pipeline --concurrency "$r" --workdir /tmp/bw_scale --label "scale$r"
+  done > "$L/scale.txt" 2>&1
   finish scale ;;
 fp8)
   cluster_up
   # 12,288 images: three waves of the preset's 4,096 sequences.
-  bench -n 12288 --runs fp8 --workdir /tmp/bw_a --label fp8 > "$L/a.txt" 2>&1 &
-  bench -n 12288 --runs pipeline --workdir /tmp/bw_b --label bf16 > "$L/b.txt" 2>&1 &
+  { bench -n 12288 --runs fp8 --workdir /tmp/bw_a --label fp8; fill "${FILL_A:-}" a; } > "$L/a.txt" 2>&1 &
+  { bench -n 12288 --runs pipeline --workdir /tmp/bw_b --label bf16; fill "${FILL_B:-}" b; } > "$L/b.txt" 2>&1 &
   wait
   finish fp8 ;;
 notebook)
