@@ -6,9 +6,10 @@ test runs that configuration on the smoke preset's engine: the captions come fro
 stage (with that stage off they come back empty: the engine honours detokenize=False). Ray's
 vLLM stage returns only the finished output whatever the output kind, so FINAL_ONLY can't be seen
 in the results: the second test checks the SamplingParams that stage builds from the rows.
-The last three check the GPU preset's configuration without running it (a GPU is needed for
-that): its fixed pool of replicas, its queue of prepared requests, and its engine kwargs against
-the pinned vLLM.
+The last four check the presets' configuration without running it (a GPU is needed for
+that): the GPU preset's fixed pool of replicas and its queue of prepared requests, the batches a
+replica takes in at once (both presets), and the GPU preset's engine kwargs against the pinned
+vLLM.
 """
 
 import copy
@@ -84,6 +85,21 @@ def test_the_engine_holds_a_queue_of_prepared_requests_beyond_those_it_runs():
     assert pending == preset.max_pending_requests
     assert pending >= 2 * preset.engine_kwargs["max_num_seqs"]
     assert preset.batch_size * preset.max_concurrent_batches > pending
+
+
+# Config only: Ray Data hands an engine replica up to max_tasks_in_flight_per_actor batches before
+# the next replica gets any, 2 x max_concurrent_batches by default. For the GPU preset that was
+# 24,576 rows: on two H200s (2026-12-01) the first replica up took all 24,576 rows of a two-replica
+# run and Ray Data shut the second down, idle. A replica now holds only the batches it runs at once.
+def test_an_engine_replica_takes_in_only_the_batches_it_runs_at_once():
+    for smoke_test in (True, False):
+        preset = get_preset(smoke_test=smoke_test)
+        config = processor_config(preset, "Qwen/Qwen2.5-VL-3B-Instruct", concurrency=2)
+        processor = build_caption_processor(config, model_name="x", **row_kwargs(preset))
+        stage = processor.get_stage_by_name("vLLMEngineStage")
+        compute = stage.map_batches_kwargs["compute"]  # what Ray Data gets
+        assert compute.max_tasks_in_flight_per_actor == preset.max_concurrent_batches
+        assert stage.map_batches_kwargs["max_concurrency"] == preset.max_concurrent_batches
 
 
 # Config only: the GPU preset is tuned on the device's vLLM 0.26; this checks that the pinned vLLM
