@@ -96,7 +96,9 @@ declare -A VARIANT=(
   # a GPU each), so two engine-core threads and two engine actors feed it: at 4,096 both threads of
   # one engine were busy 83-98% (2026-12-01). Each gets a fixed KV cache (2,048 sequences peaked at
   # 22.6 GiB), or the second engine finds no memory left when both profile at once (2026-11-30).
-  # Not run yet; with ALONE_N=12288 each engine gets 6,144 images, three waves of 2,048.
+  # With ALONE_N=12288 each engine gets 6,144 images, three waves of 2,048. Its one run (2026-12-01,
+  # FILL_A after tenk) is void: before helpers/pipeline.py capped max_tasks_in_flight_per_actor, the
+  # first engine up took all 12,288 rows and Ray Data shut the second down, as in that day's scale.
   [two2048]="{$SEQS2048, \"gpu_memory_utilization\": 0.45, \"kv_cache_memory_bytes\": 30064771072}"
   # The preset of 2026-11-30 (vLLM's 83 CUDA graph sizes up to 1,024, 32 concurrent batches).
   [oldpreset]='{"max_num_seqs": 1024, "compilation_config": {"cudagraph_capture_sizes": null, "max_cudagraph_capture_size": 1024}}'
