@@ -67,7 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, help="engine replicas (one GPU each)")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--rows-per-block", type=int, help="rows per block of the streaming repartition")
-    p.add_argument("--engine-kwargs", type=json.loads, default={}, help="JSON merged into engine_kwargs")
+    p.add_argument(
+        "--engine-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON merged into the preset's engine_kwargs (a dict such as compilation_config key by key)",
+    )
     p.add_argument("--image-column", default="image", help="Parquet input: the image column")
     p.add_argument("--id-column", default="id", help="Parquet input: the key column")
     p.add_argument(

@@ -158,15 +158,11 @@ class GpuMemory:
 
 def settings(args, run: str):
     """(preset, batch_size, concurrency) for one run; the preset carries its engine_kwargs."""
-    from helpers.presets import get_preset
+    from helpers.presets import get_preset, merge_engine_kwargs
 
     preset = get_preset(args.smoke)
     # One level deep, so a variant that sets one compilation_config key keeps the preset's others.
-    engine_kwargs = dict(preset.engine_kwargs)
-    for key, value in args.engine_kwargs.items():
-        base = engine_kwargs.get(key)
-        both_dicts = isinstance(base, dict) and isinstance(value, dict)
-        engine_kwargs[key] = {**base, **value} if both_dicts else value
+    engine_kwargs = merge_engine_kwargs(preset.engine_kwargs, args.engine_kwargs)
     batch_size, concurrency = args.batch_size or preset.batch_size, args.concurrency or preset.concurrency
     if args.max_concurrent_batches:
         preset = dataclasses.replace(preset, max_concurrent_batches=args.max_concurrent_batches)

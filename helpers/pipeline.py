@@ -11,7 +11,7 @@ from typing import Any
 import ray
 from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-from helpers.presets import Preset
+from helpers.presets import Preset, merge_engine_kwargs
 from helpers.rows import finalize, postprocess, preprocess
 
 
@@ -27,7 +27,7 @@ def processor_config(
     replicas = concurrency or preset.concurrency
     return vLLMEngineProcessorConfig(
         model_source=model,
-        engine_kwargs={**preset.engine_kwargs, **(engine_kwargs or {})},
+        engine_kwargs=merge_engine_kwargs(preset.engine_kwargs, engine_kwargs),
         batch_size=batch_size or preset.batch_size,
         # (n, n): a fixed pool that starts every replica at once. A plain n gives an autoscaling
         # pool of 1..n, which on 2 H200s added the second replica 92 s after the first.

@@ -158,6 +158,17 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def merge_engine_kwargs(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    """A preset's engine_kwargs with override's keys on top, one level deep: a dict such as
+    compilation_config is merged key by key, so an override that names one of its keys keeps the
+    preset's others (its CUDA graph sizes, say)."""
+    merged = dict(base)
+    for key, value in (override or {}).items():
+        both_dicts = isinstance(merged.get(key), dict) and isinstance(value, dict)
+        merged[key] = {**merged[key], **value} if both_dicts else value
+    return merged
+
+
 def get_preset(smoke_test: bool) -> Preset:
     return PRESETS["smoke" if smoke_test else "gpu"]
 

@@ -6,10 +6,10 @@ test runs that configuration on the smoke preset's engine: the captions come fro
 stage (with that stage off they come back empty: the engine honours detokenize=False). Ray's
 vLLM stage returns only the finished output whatever the output kind, so FINAL_ONLY can't be seen
 in the results: the second test checks the SamplingParams that stage builds from the rows.
-The last four check the presets' configuration without running it (a GPU is needed for
+The last five check the presets' configuration without running it (a GPU is needed for
 that): the GPU preset's fixed pool of replicas and its queue of prepared requests, the batches a
-replica takes in at once (both presets), and the GPU preset's engine kwargs against the pinned
-vLLM.
+replica takes in at once (both presets), how the job's engine kwargs merge into the preset's, and
+the GPU preset's engine kwargs against the pinned vLLM.
 """
 
 import copy
@@ -100,6 +100,19 @@ def test_an_engine_replica_takes_in_only_the_batches_it_runs_at_once():
         compute = stage.map_batches_kwargs["compute"]  # what Ray Data gets
         assert compute.max_tasks_in_flight_per_actor == preset.max_concurrent_batches
         assert stage.map_batches_kwargs["max_concurrency"] == preset.max_concurrent_batches
+
+
+# Config only: the job's --engine-kwargs override a preset's keys; a dict such as compilation_config
+# is merged key by key, so naming one of its keys keeps the preset's CUDA graph sizes.
+def test_engine_kwargs_given_to_the_job_merge_into_the_presets_key_by_key():
+    preset = get_preset(smoke_test=False)
+    override = {"max_num_seqs": 2048, "compilation_config": {"mode": 0}}
+    merged = processor_config(preset, "Qwen/Qwen2.5-VL-3B-Instruct", engine_kwargs=override).engine_kwargs
+    graphs = preset.engine_kwargs["compilation_config"]["cudagraph_capture_sizes"]
+    assert merged["max_num_seqs"] == 2048 and merged["compilation_config"]["mode"] == 0
+    assert merged["compilation_config"]["cudagraph_capture_sizes"] == graphs
+    assert merged["max_model_len"] == preset.engine_kwargs["max_model_len"]
+    assert "mode" not in preset.engine_kwargs["compilation_config"]  # the preset itself is unchanged
 
 
 # Config only: the GPU preset is tuned on the device's vLLM 0.26; this checks that the pinned vLLM
