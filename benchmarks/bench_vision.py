@@ -90,6 +90,12 @@ def parse_args(argv=None):
         metavar="KEY=VALUE",
         help="an environment variable for the engine, added to the preset's env_vars; repeatable",
     )
+    p.add_argument(
+        "--warm-renderer",
+        action="store_true",
+        help="experiment: build vLLM's HF processor during engine start, not at the first request "
+        "(benchmarks/warmhook; pipeline and fp8 runs)",
+    )
     p.add_argument("--label", default="", help="a name for this configuration in the JSON lines")
     p.add_argument("--repeat", type=int, default=1, help="run each configuration this many times")
     p.add_argument("--out", help="append the JSON lines to this file")
@@ -335,7 +341,12 @@ def run_pipeline(args, shards: str, run: str) -> dict:
     preset, batch_size, concurrency = settings(args, run)
     t0 = phase("t0")
     model_name = args.model or preset.model
-    init_ray(preset)  # connects when RAY_ADDRESS is set (h200_x2.sh's shared cluster)
+    runtime_env = preset.runtime_env()
+    warm = args.warm_renderer and run != "original"
+    if warm:  # the experiment in benchmarks/warmhook: every worker runs its hook
+        runtime_env["py_modules"].append(str(Path(__file__).parent / "warmhook"))
+        runtime_env["worker_process_setup_hook"] = "warmhook.install"
+    init_ray(preset, runtime_env)  # connects when RAY_ADDRESS is set (h200_x2.sh's shared cluster)
     phase("ray_up")
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = processor_config(
@@ -376,6 +387,7 @@ def run_pipeline(args, shards: str, run: str) -> dict:
             "separate_tokenizer_stages": preset.separate_tokenizer_stages,
             "placement_group_config": preset.placement_group_config,
             "env_vars": preset.env_vars,
+            "warm_renderer": warm,
             **out,
             "ray_address": os.environ.get("RAY_ADDRESS") or None,
         },

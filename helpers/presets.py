@@ -173,20 +173,21 @@ def get_preset(smoke_test: bool) -> Preset:
     return PRESETS["smoke" if smoke_test else "gpu"]
 
 
-def init_ray(preset: Preset, **kwargs: Any) -> bool:
+def init_ray(preset: Preset, runtime_env: dict[str, Any] | None = None, **kwargs: Any) -> bool:
     """Connect to the running Ray cluster if there is one, else start a local one.
 
     `ray.init()` connects when RAY_ADDRESS is set (the driver of a Ray Job, a notebook on a
     cluster) or when `ray start` runs on this machine, and Ray refuses local-cluster settings
     such as `num_cpus` when it connects. So the preset's `ray_init_kwargs` go only to a local
-    start. Returns True when it started a local cluster.
+    start. `runtime_env` replaces the preset's (the benchmark's experiments add to it). Returns
+    True when it started a local cluster.
     """
     import ray
     from ray._private.services import canonicalize_bootstrap_address  # ray.init's own rule
 
     local = canonicalize_bootstrap_address(None) is None
     ray.init(
-        runtime_env=preset.runtime_env(),
+        runtime_env=runtime_env or preset.runtime_env(),
         ignore_reinit_error=True,
         **(preset.ray_init_kwargs if local else {}),
         **kwargs,

@@ -1,6 +1,7 @@
 """The benchmark script runs (CPU, tiny model, toy size) so it can't rot between GPU sessions."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
         # h200_x2.sh's variants name only the compilation_config keys they change.
         "--engine-kwargs",
         '{"limit_mm_per_prompt": {"image": 1}}',
+        # The experiment behind h200_x2.sh's warmrenderer (benchmarks/warmhook).
+        "--warm-renderer",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -58,3 +61,8 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
     assert pipeline["max_pending_requests"] == 12 and original["max_pending_requests"] is None
     log = (tmp_path / "work" / "logs" / "pipeline-0.log").read_text()
     assert "Max pending requests is set to 12" in log
+    # The hook reached the engine actor and warmed vLLM's renderer there; not the original's.
+    assert pipeline["warm_renderer"] is True and original["warm_renderer"] is False
+    assert re.search(r"vLLMEngineStageUDF.*warmhook: vLLM renderer warm-up took", log), log[-3000:]
+    assert "warm-up failed" not in log
+    assert "warmhook" not in (tmp_path / "work" / "logs" / "original-0.log").read_text()
