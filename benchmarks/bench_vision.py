@@ -352,6 +352,8 @@ def run_pipeline(args, shards: str, run: str) -> dict:
     config = processor_config(
         preset, resolve_model(model_name), batch_size=batch_size, concurrency=concurrency
     )
+    if run == "original":  # the tutorial left Ray Data's default (2 x max_concurrent_batches)
+        config = config.model_copy(update={"max_tasks_in_flight_per_actor": None})
     # ignore_eos: random weights rarely stop, so every request makes exactly max_tokens.
     out = output_settings(args, preset, run)
     kwargs = {**row_kwargs(preset), **out, "ignore_eos": True}
@@ -384,6 +386,7 @@ def run_pipeline(args, shards: str, run: str) -> dict:
             "concurrency": concurrency,
             "max_concurrent_batches": preset.max_concurrent_batches,
             "max_pending_requests": preset.max_pending_requests,
+            "max_tasks_in_flight_per_actor": config.max_tasks_in_flight_per_actor,
             "separate_tokenizer_stages": preset.separate_tokenizer_stages,
             "placement_group_config": preset.placement_group_config,
             "env_vars": preset.env_vars,
