@@ -42,7 +42,9 @@
 #                                         async2048 runs became the preset; then ALONE_N=12288,
 #                                         ORDER="seqs4096 P", "P seqs4096", "seqs4096 P" with
 #                                         PROFILE_RUN="0 1" PROFILE_PYSPY=0, whose seqs4096 runs
-#                                         became the preset). PROFILE_RUN=k
+#                                         became the preset; then ORDER="two2048 P two2048",
+#                                         "warmrenderer P warmrenderer", "P warmrenderer P" with
+#                                         ALONE_N=12288 PROFILE_AT_K=5, py-spy on). PROFILE_RUN=k
 #                                         profiles run k (py-spy, nvidia-smi, top) mid-run
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
 # Variants are engine kwargs in JSON, merged into the preset's (a dict such as compilation_config key
@@ -96,9 +98,12 @@ declare -A VARIANT=(
   # a GPU each), so two engine-core threads and two engine actors feed it: at 4,096 both threads of
   # one engine were busy 83-98% (2026-12-01). Each gets a fixed KV cache (2,048 sequences peaked at
   # 22.6 GiB), or the second engine finds no memory left when both profile at once (2026-11-30).
-  # With ALONE_N=12288 each engine gets 6,144 images, three waves of 2,048. Its one run (2026-12-01,
-  # FILL_A after tenk) is void: before helpers/pipeline.py capped max_tasks_in_flight_per_actor, the
-  # first engine up took all 12,288 rows and Ray Data shut the second down, as in that day's scale.
+  # With ALONE_N=12288 each engine gets 6,144 images, three waves of 2,048. Both its runs are void:
+  # the first engine up took all 12,288 rows and Ray Data shut the second down, as in that day's
+  # scale. 2026-12-01 (FILL_A after tenk): Ray's default max_tasks_in_flight_per_actor; 2026-12-01,
+  # one H200, ORDER="two2048 P two2048" (only the first run fit): a cap of 96 tasks, but a task was a
+  # block of 256 rows (four batches). Now Preset.replica_tasks_in_flight counts rows, and the
+  # preset's blocks are one batch.
   [two2048]="{$SEQS2048, \"gpu_memory_utilization\": 0.45, \"kv_cache_memory_bytes\": 30064771072}"
   # The preset of 2026-11-30 (vLLM's 83 CUDA graph sizes up to 1,024, 32 concurrent batches).
   [oldpreset]='{"max_num_seqs": 1024, "compilation_config": {"cudagraph_capture_sizes": null, "max_cudagraph_capture_size": 1024}}'
@@ -125,7 +130,11 @@ declare -A VARIANT=(
   [async2048]="{\"async_scheduling\": true, $SEQS2048}"
   # The preset with benchmarks/warmhook (VARIANT_ARGS --warm-renderer): vLLM's HF processor built
   # while the engine starts, not at the first request (10 s of the actor's CPU in AsyncLLM on the
-  # project's CPU machine with the 3B tokenizer; 16-23 s of idle GPU). Not run on a GPU yet.
+  # project's CPU machine with the 3B tokenizer; 16-23 s of idle GPU). 2026-12-01 on one H200,
+  # ORDER="warmrenderer P warmrenderer" then "P warmrenderer P" (the third runs were cut): the
+  # warm-up took 19.4 and 21.4 s and the first batch reached the vision encoder 3-4 s after it went
+  # in (23-25 s for the preset), but the engine started later beside it: start-up 140.5 and 131.2 s
+  # against 134.1 and 144.0. No net gain; not in the preset.
   [warmrenderer]='{}'
 )
 declare -A VARIANT_ENV=([mmgraph]=VLLM_USE_V2_MODEL_RUNNER=0)
@@ -180,12 +189,12 @@ profile_at() {
   nvidia-smi --query-gpu=index,pci.bus_id,utilization.gpu,memory.used --format=csv > "$d/gpus.csv" 2>&1
   nvidia-smi dmon -s u -c 12 > "$d/dmon.txt" 2>&1 &
   top -b -H -n 2 -d 5 -w 250 | awk '/^top -/{n++} n==2' | head -60 > "$d/top-threads.txt" 2>&1 &
-  # PROFILE_PYSPY=0: the GPU's and top's view only (py-spy stops the process at every sample,
-  # which slows the run it profiles).
+  # PROFILE_PYSPY=0: the GPU's and top's view only. py-spy samples with --nonblocking (without it,
+  # py-spy stops the process at every sample, which slows the run it profiles).
   if [ "${PROFILE_PYSPY:-1}" = 1 ]; then
     for pid in $(engine_pids); do
       py-spy dump --pid "$pid" > "$d/dump-$pid.txt" 2>&1
-      timeout 40 py-spy record --pid "$pid" -d 10 -r 100 --idle --threads --format raw -o "$d/rec-$pid.txt" > "$d/rec-$pid.log" 2>&1 &
+      timeout 40 py-spy record --pid "$pid" -d 10 -r 100 --idle --threads --nonblocking --format raw -o "$d/rec-$pid.txt" > "$d/rec-$pid.log" 2>&1 &
     done
   fi
   wait

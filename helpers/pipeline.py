@@ -33,10 +33,10 @@ def processor_config(
         # pool of 1..n, which on 2 H200s added the second replica 92 s after the first.
         concurrency=(replicas, replicas),
         max_concurrent_batches=preset.max_concurrent_batches,
-        # Ray Data hands a replica up to this many batches before the next replica gets any; its
-        # default, 2 x max_concurrent_batches, was 24,576 rows for the GPU preset: on two H200s the
-        # first replica up took every row of a 24,576-image run and Ray Data shut the second down.
-        max_tasks_in_flight_per_actor=preset.max_concurrent_batches,
+        # Ray Data hands a replica up to this many tasks (blocks) before the next replica gets any;
+        # its default, 2 x max_concurrent_batches, let the first replica up take every row of a
+        # two-replica run, and Ray Data shut the second down, idle (2026-12-01, twice).
+        max_tasks_in_flight_per_actor=preset.replica_tasks_in_flight(batch_size),
         max_pending_requests=preset.max_pending_requests,
         accelerator_type=preset.accelerator_type,
         placement_group_config=preset.placement_group_config,

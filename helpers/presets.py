@@ -33,7 +33,10 @@ class Preset:
     dataset: str  # a Hugging Face dataset id, a shard glob, a Parquet path or an image folder
     num_images: int  # the first run's size
     num_blocks: int  # blocks after repartition: units of parallel work for the CPU stages
-    rows_per_block: int  # the streaming repartition of large runs (no barrier)
+    # The streaming repartition of large runs (no barrier). Ray Data hands an engine replica whole
+    # blocks, so this is also the rows of one engine task: keep it at batch_size (see
+    # replica_tasks_in_flight).
+    rows_per_block: int
     batch_size: int  # rows per engine call
     concurrency: int  # engine replicas (one per GPU for a 3B model)
     max_tokens: int
@@ -55,6 +58,21 @@ class Preset:
     ray_init_kwargs: dict[str, Any] = field(default_factory=dict)  # for a local start only
     env_vars: dict[str, str] = field(default_factory=dict)
 
+    def replica_tasks_in_flight(self, batch_size: int | None = None) -> int:
+        """Ray Data's `max_tasks_in_flight_per_actor` for the engine stage: the tasks a replica
+        takes in at once, so that it holds only the `max_concurrent_batches` batches it runs.
+
+        Ray Data hands an actor up to this many tasks before another actor gets any, and a task is
+        a block of at least `batch_size` rows (the repartition's `rows_per_block`). Its default,
+        2 x `max_concurrent_batches` tasks, is 98,304 rows for the GPU preset with blocks of 256:
+        on two H200s the first replica up took every row of a two-replica run and Ray Data shut the
+        second down, idle. A cap of `max_concurrent_batches` tasks, counted as batches, did the
+        same on one H200 (2026-12-01): with blocks of 256 rows a task held four batches.
+        """
+        batch = batch_size or self.batch_size
+        rows = batch * self.max_concurrent_batches
+        return max(1, -(-rows // max(batch, self.rows_per_block)))
+
     def runtime_env(self) -> dict[str, Any]:
         """For `ray.init`: ship `helpers` and the preset's environment to every Ray worker."""
         return {"py_modules": [helpers.__path__[0]], "env_vars": dict(self.env_vars)}
@@ -67,7 +85,10 @@ PRESETS: dict[str, Preset] = {
         dataset="BLIP3o/BLIP3o-Pretrain-Short-Caption",
         num_images=10_000,
         num_blocks=64,
-        rows_per_block=256,
+        # One batch per block: a replica then takes in exactly the batches it runs at once
+        # (replica_tasks_in_flight; with blocks of 256, four batches each, one replica of two took
+        # every row of a 12,288-image run).
+        rows_per_block=64,
         batch_size=64,
         concurrency=1,
         max_tokens=256,

@@ -87,19 +87,32 @@ def test_the_engine_holds_a_queue_of_prepared_requests_beyond_those_it_runs():
     assert preset.batch_size * preset.max_concurrent_batches > pending
 
 
-# Config only: Ray Data hands an engine replica up to max_tasks_in_flight_per_actor batches before
-# the next replica gets any, 2 x max_concurrent_batches by default. For the GPU preset that was
-# 24,576 rows: on two H200s (2026-12-01) the first replica up took all 24,576 rows of a two-replica
-# run and Ray Data shut the second down, idle. A replica now holds only the batches it runs at once.
-def test_an_engine_replica_takes_in_only_the_batches_it_runs_at_once():
+# Config only: Ray Data hands an engine replica up to max_tasks_in_flight_per_actor tasks before
+# the next replica gets any, and a task is a block of the repartition (rows_per_block, at least a
+# batch). Ray's default (2 x max_concurrent_batches tasks) let the first replica up take every row of
+# a two-replica run on two H200s, and a cap of max_concurrent_batches tasks with blocks of 256 rows
+# did the same on one H200 (2026-12-01): Ray Data shut the second replica down, idle. A replica
+# must take in only the rows it runs at once, batch_size x max_concurrent_batches, whatever the
+# block size the job is given (--rows-per-block, --batch-size).
+def test_an_engine_replica_takes_in_only_the_rows_it_runs_at_once():
     for smoke_test in (True, False):
-        preset = get_preset(smoke_test=smoke_test)
-        config = processor_config(preset, "Qwen/Qwen2.5-VL-3B-Instruct", concurrency=2)
-        processor = build_caption_processor(config, model_name="x", **row_kwargs(preset))
-        stage = processor.get_stage_by_name("vLLMEngineStage")
-        compute = stage.map_batches_kwargs["compute"]  # what Ray Data gets
-        assert compute.max_tasks_in_flight_per_actor == preset.max_concurrent_batches
-        assert stage.map_batches_kwargs["max_concurrency"] == preset.max_concurrent_batches
+        base = get_preset(smoke_test=smoke_test)
+        cases = ((None, None), (4 * base.batch_size, None), (None, 2 * base.batch_size))
+        for rows_per_block, batch_size in cases:
+            preset = dataclasses.replace(base, rows_per_block=rows_per_block or base.rows_per_block)
+            batch = batch_size or preset.batch_size
+            config = processor_config(preset, "Qwen/Qwen2.5-VL-3B-Instruct", concurrency=2, batch_size=batch)
+            processor = build_caption_processor(config, model_name="x", **row_kwargs(preset))
+            stage = processor.get_stage_by_name("vLLMEngineStage")
+            compute = stage.map_batches_kwargs["compute"]  # what Ray Data gets
+            rows_per_task = max(batch, preset.rows_per_block)
+            tasks, rows_run = compute.max_tasks_in_flight_per_actor, batch * preset.max_concurrent_batches
+            # the fewest whole tasks that hold the rows it runs at once
+            case = (preset.name, rows_per_block, batch)
+            assert (tasks - 1) * rows_per_task < rows_run <= tasks * rows_per_task, case
+            assert stage.map_batches_kwargs["max_concurrency"] == preset.max_concurrent_batches
+        # The presets' own blocks are one batch each: no Ray warning about fewer tasks than batches.
+        assert base.rows_per_block == base.batch_size
 
 
 # Config only: the job's --engine-kwargs override a preset's keys; a dict such as compilation_config
