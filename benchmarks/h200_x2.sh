@@ -80,6 +80,12 @@ QUEUE2048="--max-pending-requests 2048 --max-concurrent-batches 48"
 QUEUE4096="--max-pending-requests 4096 --max-concurrent-batches 96"
 SIZES4096="${SIZES%]}, 2560, 3072, 3584, 4096]"  # the preset's CUDA graph sizes
 SEQS4096="\"max_num_seqs\": 4096, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES4096}"
+# Piecewise CUDA graphs for the mixed steps too: at steady state every step admits new requests, so it
+# holds more than 4,096 tokens (decodes plus prefill chunks, up to max_num_batched_tokens 16,384),
+# and vLLM runs any step above the largest captured size without graphs (cg_mode NONE; the 2026-12-01
+# py-spy profile saw no graph replay in 10 s, and 10-11% of the engine core's thread launching the
+# decoder's compiled kernels from Python). Not measured yet.
+SIZES16K="${SIZES4096%]}, 4608, 5120, 6144, 7168, 8192, 10240, 12288, 14336, 16384]"
 QUEUE8192="--max-pending-requests 8192 --max-concurrent-batches 192"
 declare -A VARIANT=(
   [preset]='{}'
@@ -104,6 +110,7 @@ declare -A VARIANT=(
   # one H200, ORDER="two2048 P two2048" (only the first run fit): a cap of 96 tasks, but a task was a
   # block of 256 rows (four batches). Now Preset.replica_tasks_in_flight counts rows, and the
   # preset's blocks are one batch.
+  [graphs16k]="{\"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES16K}}"
   [two2048]="{$SEQS2048, \"gpu_memory_utilization\": 0.45, \"kv_cache_memory_bytes\": 30064771072}"
   # The preset of 2026-11-30 (vLLM's 83 CUDA graph sizes up to 1,024, 32 concurrent batches).
   [oldpreset]='{"max_num_seqs": 1024, "compilation_config": {"cudagraph_capture_sizes": null, "max_cudagraph_capture_size": 1024}}'
