@@ -12,9 +12,13 @@ replica takes in at once (both presets), how the job's engine kwargs merge into 
 the GPU preset's engine kwargs against the pinned vLLM.
 """
 
+import asyncio
 import copy
 import dataclasses
+import os
+import time
 
+import numpy as np
 import ray
 import vllm
 from conftest import encode
@@ -113,6 +117,49 @@ def test_an_engine_replica_takes_in_only_the_rows_it_runs_at_once():
             assert stage.map_batches_kwargs["max_concurrency"] == preset.max_concurrent_batches
         # The presets' own blocks are one batch each: no Ray warning about fewer tasks than batches.
         assert base.rows_per_block == base.batch_size
+
+
+# Ray Data for real: blocks of four batches, the engine stage's compute and concurrency as
+# processor_config sets them, a replica that comes up after the other. With a cap of
+# max_concurrent_batches tasks (the fix of 2026-12-01, before it counted rows) the first replica
+# took all 128 rows and Ray Data shut the second down, idle, as on the H200s; with
+# replica_tasks_in_flight both replicas caption.
+def test_two_replicas_share_the_rows_when_a_block_holds_several_batches(ray_local, tmp_path):
+    class TimedReplica:  # in the test: Ray workers unpickle it by value
+        """Ray Data's side of an engine replica, with fixed timings: the first replica is up at
+        once, the second 8 s later, after every block is queued (on the H200s 0.7-0.9 s later,
+        but the blocks had queued during the engines' 2-minute start), and a batch takes 5 s.
+        Which replica gets rows then depends only on how many tasks Ray Data hands each, which is
+        what this test checks; the engine itself runs in the tests above."""
+
+        def __init__(self, flag: str):
+            try:
+                os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                time.sleep(8)
+
+        async def __call__(self, batch):
+            await asyncio.sleep(5)
+            return {"id": batch["id"], "pid": np.full(len(batch["id"]), os.getpid())}
+
+    preset = dataclasses.replace(get_preset(smoke_test=True), max_concurrent_batches=4, rows_per_block=32)
+    config = processor_config(preset, "Qwen/Qwen2.5-VL-3B-Instruct", concurrency=2)
+    stage = build_caption_processor(config, model_name="x", **row_kwargs(preset)).get_stage_by_name(
+        "vLLMEngineStage"
+    )
+    kw = stage.map_batches_kwargs
+    n = 4 * preset.rows_per_block
+    ds = ray.data.range(n).repartition(target_num_rows_per_block=preset.rows_per_block)
+    out = ds.map_batches(
+        TimedReplica,
+        fn_constructor_kwargs={"flag": str(tmp_path / "first")},
+        batch_size=config.batch_size,
+        compute=kw["compute"],
+        max_concurrency=kw["max_concurrency"],
+        num_cpus=1,
+    ).to_pandas()
+    assert sorted(out["id"]) == list(range(n))  # rows in = rows out
+    assert out["pid"].nunique() == 2, out.groupby("pid").size().to_dict()
 
 
 # Config only: the job's --engine-kwargs override a preset's keys; a dict such as compilation_config
