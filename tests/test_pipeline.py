@@ -6,10 +6,11 @@ test runs that configuration on the smoke preset's engine: the captions come fro
 stage (with that stage off they come back empty: the engine honours detokenize=False). Ray's
 vLLM stage returns only the finished output whatever the output kind, so FINAL_ONLY can't be seen
 in the results: the second test checks the SamplingParams that stage builds from the rows.
-The last five check the presets' configuration without running it (a GPU is needed for
-that): the GPU preset's fixed pool of replicas and its queue of prepared requests, the batches a
-replica takes in at once (both presets), how the job's engine kwargs merge into the preset's, and
-the GPU preset's engine kwargs against the pinned vLLM.
+The rest check the presets' configuration without running the engine (a GPU is needed for
+that): the GPU preset's fixed pool of replicas and its queue of prepared requests, the rows a
+replica takes in at once (both presets, and with Ray Data for real: two replicas with the engine
+stage's settings, one up later than the other, both get rows), how the job's engine kwargs merge
+into the preset's, and the GPU preset's engine kwargs against the pinned vLLM.
 """
 
 import asyncio
