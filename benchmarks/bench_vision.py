@@ -387,6 +387,8 @@ def run_pipeline(args, shards: str, run: str) -> dict:
             "max_concurrent_batches": preset.max_concurrent_batches,
             "max_pending_requests": preset.max_pending_requests,
             "max_tasks_in_flight_per_actor": config.max_tasks_in_flight_per_actor,
+            # Ray Data's task is a block: the cap above holds this many rows per task.
+            "rows_per_block": preset.rows_per_block,
             "separate_tokenizer_stages": preset.separate_tokenizer_stages,
             "placement_group_config": preset.placement_group_config,
             "env_vars": preset.env_vars,

@@ -61,6 +61,7 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
     assert pipeline["max_pending_requests"] == 12 and original["max_pending_requests"] is None
     in_flight = "max_tasks_in_flight_per_actor"  # the preset caps it; the tutorial left Ray's default
     assert pipeline[in_flight] == 2 and original[in_flight] is None
+    assert pipeline["rows_per_block"] == original["rows_per_block"] == 8  # a cap's task is a block
     log = (tmp_path / "work" / "logs" / "pipeline-0.log").read_text()
     assert "Max pending requests is set to 12" in log
     # The hook reached the engine actor and warmed vLLM's renderer there; not the original's.
