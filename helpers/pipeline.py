@@ -25,10 +25,11 @@ def processor_config(
 ) -> vLLMEngineProcessorConfig:
     separate = preset.separate_tokenizer_stages
     replicas = concurrency or preset.concurrency
+    batch = batch_size or preset.batch_size
     return vLLMEngineProcessorConfig(
         model_source=model,
         engine_kwargs=merge_engine_kwargs(preset.engine_kwargs, engine_kwargs),
-        batch_size=batch_size or preset.batch_size,
+        batch_size=batch,
         # (n, n): a fixed pool that starts every replica at once. A plain n gives an autoscaling
         # pool of 1..n, which on 2 H200s added the second replica 92 s after the first.
         concurrency=(replicas, replicas),
@@ -36,7 +37,7 @@ def processor_config(
         # Ray Data hands a replica up to this many tasks (blocks) before the next replica gets any;
         # its default, 2 x max_concurrent_batches, let the first replica up take every row of a
         # two-replica run, and Ray Data shut the second down, idle (2026-12-01, twice).
-        max_tasks_in_flight_per_actor=preset.replica_tasks_in_flight(batch_size),
+        max_tasks_in_flight_per_actor=preset.replica_tasks_in_flight(batch),
         max_pending_requests=preset.max_pending_requests,
         accelerator_type=preset.accelerator_type,
         placement_group_config=preset.placement_group_config,
