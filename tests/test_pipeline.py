@@ -120,11 +120,11 @@ def test_an_engine_replica_takes_in_only_the_rows_it_runs_at_once():
         assert base.rows_per_block == base.batch_size
 
 
-# Ray Data for real: blocks of four batches, the engine stage's compute and concurrency as
-# processor_config sets them, a replica that comes up after the other. With a cap of
-# max_concurrent_batches tasks (the fix of 2026-12-01, before it counted rows) the first replica
-# took all 128 rows and Ray Data shut the second down, idle, as on the H200s; with
-# replica_tasks_in_flight both replicas caption.
+# Ray Data for real: blocks of several batches (a target of 32 rows; Ray cut blocks of 16 from this
+# range), the engine stage's compute and concurrency as processor_config sets them, a replica that
+# comes up after the other. With a cap of max_concurrent_batches tasks (the fix of 2026-12-01,
+# before it counted rows) the first replica took all 128 rows and Ray Data shut the second down,
+# idle, as on the H200s; with replica_tasks_in_flight both replicas caption.
 def test_two_replicas_share_the_rows_when_a_block_holds_several_batches(ray_local, tmp_path):
     class TimedReplica:  # in the test: Ray workers unpickle it by value
         """Ray Data's side of an engine replica, with fixed timings: the first replica is up at
@@ -157,7 +157,10 @@ def test_two_replicas_share_the_rows_when_a_block_holds_several_batches(ray_loca
         batch_size=config.batch_size,
         compute=kw["compute"],
         max_concurrency=kw["max_concurrency"],
-        num_cpus=1,
+        # Stand-ins that only sleep take no CPU slot, so the read and repartition tasks run beside
+        # them on any cluster (a config test may have started Ray with this machine's 2 CPUs first,
+        # and then two 1-CPU replicas left none for the read: the run hung).
+        num_cpus=0,
     ).to_pandas()
     assert sorted(out["id"]) == list(range(n))  # rows in = rows out
     assert out["pid"].nunique() == 2, out.groupby("pid").size().to_dict()
