@@ -64,7 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=non_negative, help="caption at most this many input images (the first N)")
     p.add_argument("--model", help="HF model id or local folder ('tiny' = the local test model)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--concurrency", type=int, help="engine replicas (one GPU each)")
+    p.add_argument("--concurrency", type=int, help="engine replicas (the GPU preset runs two per GPU)")
+    p.add_argument(
+        "--replicas-per-gpu",
+        type=int,
+        help="engine replicas on each GPU (GPU preset: 2; use 1 on a GPU under 100 GB)",
+    )
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--rows-per-block", type=int, help="rows per block of the streaming repartition")
     p.add_argument(
@@ -126,6 +131,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         max_tokens=args.max_tokens or preset.max_tokens,
         rows_per_block=args.rows_per_block or preset.rows_per_block,
     )
+    if args.replicas_per_gpu:
+        preset = preset.sharing_gpus(args.replicas_per_gpu)
 
     init_ray(preset)  # a Ray Job connects to its cluster; elsewhere a local one starts
     ctx = ray.data.DataContext.get_current()

@@ -79,6 +79,12 @@ def parse_args(argv=None):
         help='JSON, e.g. {"bundle_per_worker": {"GPU": 0.5, "CPU": 1}}: two engine replicas per GPU',
     )
     p.add_argument(
+        "--replicas-per-gpu",
+        type=int,
+        help="Preset.sharing_gpus: engine replicas per GPU with their memory settings (1: vLLM sizes "
+        "the KV cache; the GPU preset runs 2)",
+    )
+    p.add_argument(
         "--cumulative",
         action="store_true",
         help="the engine's default output (an update per token, engine-side detokenize), for comparison",
@@ -167,6 +173,8 @@ def settings(args, run: str):
     from helpers.presets import get_preset, merge_engine_kwargs
 
     preset = get_preset(args.smoke)
+    if args.replicas_per_gpu and run != "original":
+        preset = preset.sharing_gpus(args.replicas_per_gpu)
     # One level deep, so a variant that sets one compilation_config key keeps the preset's others.
     engine_kwargs = merge_engine_kwargs(preset.engine_kwargs, args.engine_kwargs)
     batch_size, concurrency = args.batch_size or preset.batch_size, args.concurrency or preset.concurrency
@@ -183,8 +191,14 @@ def settings(args, run: str):
         keep = ("max_model_len", "limit_mm_per_prompt", "dtype", "enforce_eager", "seed")
         engine_kwargs = {k: v for k, v in preset.engine_kwargs.items() if k in keep}
         batch_size, concurrency = 16, 1
+        # One GPU per replica (Ray Data LLM's default); on CPU the smoke preset's CPU bundle.
+        placement = preset.placement_group_config if args.smoke else None
         preset = dataclasses.replace(
-            preset, max_concurrent_batches=8, max_pending_requests=None, separate_tokenizer_stages=True
+            preset,
+            max_concurrent_batches=8,
+            max_pending_requests=None,
+            separate_tokenizer_stages=True,
+            placement_group_config=placement,
         )
         # The tutorial set no environment (on CPU the smoke preset's stays: it needs it to run).
         env_vars = env_vars if args.smoke else {}

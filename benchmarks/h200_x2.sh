@@ -49,7 +49,9 @@
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
 # Variants are engine kwargs in JSON, merged into the preset's (a dict such as compilation_config key
 # by key: a variant names only what it changes), with bench arguments from
-# VARIANT_ARGS and an environment from VARIANT_ENV. Several name a lever that is now in the preset
+# VARIANT_ARGS and an environment from VARIANT_ENV. A variant without VARIANT_ARGS changes the current
+# preset (two engines per GPU since 2026-12-01's sixth session; the earlier ones ran on one engine per
+# GPU, which one4096 and the seqs variants restore with $ONE). Several name a lever that is now in the preset
 # (kept so the results files can be repeated): pend2048, seqs4096; seqs2048 and async2048 are the
 # preset before it, seqs1024 the one before that; async is vLLM's default.
 # Carry .device/kit (and .whl: py-spy for the profile). Every log lands in $OUT/logs.tgz, the JSON
@@ -87,6 +89,9 @@ SEQS4096="\"max_num_seqs\": 4096, \"compilation_config\": {\"cudagraph_capture_s
 # decoder's compiled kernels from Python). Not measured yet.
 SIZES16K="${SIZES4096%]}, 4608, 5120, 6144, 7168, 8192, 10240, 12288, 14336, 16384]"
 QUEUE8192="--max-pending-requests 8192 --max-concurrent-batches 192"
+# One engine replica per GPU, vLLM sizing its KV cache (Preset.sharing_gpus(1)): every preset before
+# 2026-12-01's sixth session. The preset since runs two per GPU.
+ONE="--replicas-per-gpu 1 --concurrency 1"
 declare -A VARIANT=(
   [preset]='{}'
   [eager]='{"enforce_eager": true}'
@@ -110,7 +115,18 @@ declare -A VARIANT=(
   # one H200, ORDER="two2048 P two2048" (only the first run fit): a cap of 96 tasks, but a task was a
   # block of 256 rows (four batches). Now Preset.replica_tasks_in_flight counts rows, and the
   # preset's blocks are one batch.
-  [graphs16k]="{\"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES16K}}"
+  # Measured with one engine of 4,096 (VARIANT_ARGS): 2026-12-01 sixth session, one H200, the
+  # machine's first start alone (173.63), then ORDER="P graphs16k": 160.72 against the one-engine
+  # preset's 146.15 (one pair, 1.10x). Not kept: two engines per GPU did far more.
+  [graphs16k]="{\"max_num_seqs\": 4096, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES16K}}"
+  # The same on the two-engine preset: each engine's steps hold up to 16,384 tokens too. Not measured.
+  [two16k]="{\"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES16K}}"
+  # The preset before 2026-12-01's sixth session: one engine of 4,096 on the GPU (VARIANT_ARGS).
+  [one4096]="{$SEQS4096}"
+  # two2048 is the preset since 2026-12-01's sixth session: ORDER="two2048 P" on one H200 (the cap
+  # counting rows; each engine captioned 96 batches, 6,144 rows): 221.43 images/s steady against
+  # 139.86 for one engine of 4,096 (1.58x, one pair; start-up 157.0 s, its compile cache cold,
+  # against 141.6 s).
   [two2048]="{$SEQS2048, \"gpu_memory_utilization\": 0.45, \"kv_cache_memory_bytes\": 30064771072}"
   # The preset of 2026-11-30 (vLLM's 83 CUDA graph sizes up to 1,024, 32 concurrent batches).
   [oldpreset]='{"max_num_seqs": 1024, "compilation_config": {"cudagraph_capture_sizes": null, "max_cudagraph_capture_size": 1024}}'
@@ -146,14 +162,16 @@ declare -A VARIANT=(
 )
 declare -A VARIANT_ENV=([mmgraph]=VLLM_USE_V2_MODEL_RUNNER=0)
 declare -A VARIANT_ARGS=(
-  [seqs1024]=$QUEUE2048
-  [pend2048]=$QUEUE2048
-  [async]=$QUEUE2048
-  [seqs2048]=$QUEUE4096
-  [async2048]=$QUEUE4096
-  [seqs4096]=$QUEUE8192
+  [seqs1024]="$QUEUE2048 $ONE"
+  [pend2048]="$QUEUE2048 $ONE"
+  [async]="$QUEUE2048 $ONE"
+  [seqs2048]="$QUEUE4096 $ONE"
+  [async2048]="$QUEUE4096 $ONE"
+  [seqs4096]="$QUEUE8192 $ONE"
+  [one4096]="$QUEUE8192 $ONE"
+  [graphs16k]="$QUEUE8192 $ONE"
   [two2048]="$QUEUE4096 --concurrency 2 --placement-group-config {\"bundle_per_worker\":{\"GPU\":0.5,\"CPU\":1}}"
-  [oldpreset]="--max-concurrent-batches 32"  # with Ray Data LLM's default queue
+  [oldpreset]="--max-concurrent-batches 32 --max-pending-requests 1127 $ONE"  # Ray Data LLM's default queue
   [warmrenderer]="--warm-renderer"
 )
 left() { local s=$((START + DEADLINE_S - $(date +%s))); echo $((s > 1 ? s : 1)); }
@@ -381,18 +399,18 @@ tenk)
   wait
   finish tenk ;;
 scale)
-  # Two replicas (the fixed pool (2, 2), one per GPU) and one, the same $SCALE_N (12,288: three
-  # waves of 4,096) per replica, one after the other on one Ray cluster, in the order $SCALE_ORDER
-  # (words 1 and 2: replicas).
+  # Two GPUs and one, the preset's two replicas per GPU (fixed pools (4, 4) and (2, 2)), the same
+  # $SCALE_N (12,288: three waves of 2,048 per replica) per GPU, one after the other on one Ray
+  # cluster, in the order $SCALE_ORDER (words 1 and 2: GPUs).
   cluster_up
   n=${SCALE_N:-12288}
   for r in ${SCALE_ORDER:-2 1}; do
-    bench -n $((r * n)) --runs pipeline --concurrency "$r" --workdir /tmp/bw_scale --label "scale$r"
+    bench -n $((r * n)) --runs pipeline --concurrency $((2 * r)) --workdir /tmp/bw_scale --label "scale$r"
   done > "$L/scale.txt" 2>&1
   finish scale ;;
 fp8)
   cluster_up
-  # 12,288 images: three waves of the preset's 4,096 sequences.
+  # 12,288 images: three waves of the preset's 2 x 2,048 sequences.
   { bench -n 12288 --runs fp8 --workdir /tmp/bw_a --label fp8; fill "${FILL_A:-}" a; } > "$L/a.txt" 2>&1 &
   { bench -n 12288 --runs pipeline --workdir /tmp/bw_b --label bf16; fill "${FILL_B:-}" b; } > "$L/b.txt" 2>&1 &
   wait
@@ -402,7 +420,7 @@ notebook)
   python3 .nbtools/make_random_weights.py "$MODEL_DIR" /tmp/model/rand3b > "$L/weights.log" 2>&1
   python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_vision as b; b.make_shards(__import__('pathlib').Path('/tmp/shards'), 8192)"
   SMOKE_TEST=0 MODEL=/tmp/model/rand3b DATASET='/tmp/shards/*.tar' NUM_IMAGES=4096 \
-    SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=2 OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
+    SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=4 OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
     timeout -s KILL "$(left)" python3 .nbtools/run_notebook_cells.py llm_batch_inference_vision.ipynb > "$L/notebook.txt" 2>&1
   grep -h "=== CELL\|NB_OK" "$L/notebook.txt" | grep -v "start t=" | tail -40
   finish notebook ;;

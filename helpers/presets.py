@@ -11,7 +11,7 @@ needs on the workers travel in `runtime_env["env_vars"]`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import helpers
@@ -38,7 +38,7 @@ class Preset:
     # replica_tasks_in_flight).
     rows_per_block: int
     batch_size: int  # rows per engine call
-    concurrency: int  # engine replicas (one per GPU for a 3B model)
+    concurrency: int  # engine replicas (the GPU preset runs two per GPU: placement_group_config)
     max_tokens: int
     scale_up_images: int  # the "scale up" section's size
     scale_up_concurrency: int
@@ -73,6 +73,40 @@ class Preset:
         rows = batch * self.max_concurrent_batches
         return max(1, -(-rows // max(batch, self.rows_per_block)))
 
+    @property
+    def replicas_per_gpu(self) -> int:
+        """Engine replicas that share one GPU: 1 / the GPU share of placement_group_config's
+        bundle (1 where it names no GPU or there is none: one GPU per replica)."""
+        bundle = (self.placement_group_config or {}).get("bundle_per_worker", {})
+        share = bundle.get("GPU") or 1
+        return max(1, round(1 / share))
+
+    def sharing_gpus(self, replicas_per_gpu: int) -> Preset:
+        """This GPU preset with `replicas_per_gpu` engine replicas on each GPU (`concurrency` stays
+        the number of replicas). One per GPU: vLLM sizes the KV cache itself from 90% of the GPU,
+        as on a GPU under 100 GB. More: each replica keeps the preset's fixed KV cache (sized by a
+        fraction of the GPU, engines that start together each count the other's memory as their
+        own, and the last finds none left for its cache)."""
+        if replicas_per_gpu < 1:
+            raise ValueError(f"replicas_per_gpu must be 1 or more, not {replicas_per_gpu}")
+        bundle = dict((self.placement_group_config or {}).get("bundle_per_worker") or {"GPU": 1})
+        if not bundle.get("GPU"):
+            raise ValueError(f"the {self.name} preset runs on CPU: it has no GPU to share")
+        bundle.update(GPU=1 / replicas_per_gpu, CPU=bundle.get("CPU", 1))
+        engine_kwargs = {k: v for k, v in self.engine_kwargs.items() if k != "kv_cache_memory_bytes"}
+        if replicas_per_gpu == 1:
+            engine_kwargs["gpu_memory_utilization"] = 0.9
+        else:
+            engine_kwargs["gpu_memory_utilization"] = round(0.9 / replicas_per_gpu, 3)
+            if "kv_cache_memory_bytes" not in self.engine_kwargs:
+                raise ValueError(
+                    "replicas that share a GPU need a fixed kv_cache_memory_bytes in engine_kwargs"
+                )
+            engine_kwargs["kv_cache_memory_bytes"] = self.engine_kwargs["kv_cache_memory_bytes"]
+        return replace(
+            self, engine_kwargs=engine_kwargs, placement_group_config={"bundle_per_worker": bundle}
+        )
+
     def runtime_env(self) -> dict[str, Any]:
         """For `ray.init`: ship `helpers` and the preset's environment to every Ray worker."""
         return {"py_modules": [helpers.__path__[0]], "env_vars": dict(self.env_vars)}
@@ -90,44 +124,52 @@ PRESETS: dict[str, Preset] = {
         # every row of a 12,288-image run).
         rows_per_block=64,
         batch_size=64,
-        concurrency=1,
+        # Two engine replicas per GPU (placement_group_config), each with its own engine-core
+        # process: at 4,096 sequences in one engine, that process's one Python thread was the limit
+        # (98% busy, half of it vLLM's per-request scheduling). Two engines of
+        # 2,048 split that work: 221.4 images/s steady against 139.9 for one engine of 4,096, run
+        # one after the other on one H200 (2026-12-01, one pair: 1.58x; benchmarks/results/).
+        concurrency=2,
         max_tokens=256,
-        # 12,288 rows in the engine stage, 8,192 of them inside the engine: 4,096 running and up to
-        # 4,096 prepared and queued. With Ray Data LLM's default cap (1.1 x max_num_seqs) the queue
-        # ran dry whenever a wave of requests finished together, and the engine waited while its
-        # actor prepared the next images one by one (1.19x steady with twice the cap at 1,024
-        # sequences; benchmarks/results/).
-        max_concurrent_batches=192,
-        max_pending_requests=8192,
+        # 6,144 rows in each replica's engine stage, 4,096 of them inside its engine: 2,048 running
+        # and up to 2,048 prepared and queued. With Ray Data LLM's default cap (1.1 x max_num_seqs)
+        # the queue ran dry whenever a wave of requests finished together, and the engine waited
+        # while its actor prepared the next images one by one (1.19x steady with twice the cap at
+        # 1,024 sequences; benchmarks/results/).
+        max_concurrent_batches=96,
+        max_pending_requests=4096,
         scale_up_images=1_000_000,
-        scale_up_concurrency=4,
-        # Tuned on one H200 (benchmarks/results/), each step against the one before, runs one
-        # after the other: 4,096 sequences at once against 2,048 (each with a queue of as many
-        # again): 194.5 against 165.5 images/s steady (medians of 3 runs at 12,288 images; 1.14x,
-        # median of 3 neighbouring pairs); 2,048 against 1,024 was 1.29x. Each doubling makes the
-        # first wave bigger: the first captions come about 20 s later than with 2,048, so this
-        # pays off from about 15,000 images. The KV cache peaked at 41 GiB (35% of an H200's): on
-        # a GPU under 80 GB run 2,048 (as job.yaml does for a 48 GB L40S). vLLM already schedules
-        # asynchronously by default (its log: "Asynchronous scheduling is enabled"). Compiling or
-        # graphing the vision encoder did not help on vLLM 0.26; see the notebook's performance
-        # section.
+        scale_up_concurrency=8,  # 4 GPUs
+        # Tuned on one H200 (benchmarks/results/), each step against the one before: 2,048
+        # sequences against 1,024 was 1.29x, 4,096 against 2,048 1.14x (medians of 3 neighbouring
+        # pairs), then two engines of 2,048 against one of 4,096 1.58x (one pair). vLLM already
+        # schedules asynchronously by default (its log: "Asynchronous scheduling is enabled").
+        # Compiling or graphing the vision encoder did not help on vLLM 0.26; see the notebook's
+        # performance section.
         engine_kwargs={
             "max_model_len": 4096,
-            "max_num_seqs": 4096,
+            "max_num_seqs": 2048,
             "max_num_batched_tokens": 16384,
-            # CUDA graphs up to the full decode batch (vLLM's default stops at 512), for 23 batch
+            # CUDA graphs up to the full decode batch (vLLM's default stops at 512), for 19 batch
             # sizes instead of vLLM's 83: capture took 2-4 s instead of 9-12 s on an H200, with
             # no measurable change in steady throughput (side by side, benchmarks/results/).
             "compilation_config": {
                 "cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896]
-                + [1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096]
+                + [1024, 1280, 1536, 1792, 2048]
             },
             "enable_prefix_caching": True,  # every request shares the system prompt
-            "gpu_memory_utilization": 0.9,
+            # Two engines on one GPU: each gets a fixed KV cache. Sized by a fraction of the GPU
+            # instead, both engines measure their memory at once, each counts the other's as its
+            # own, and the second finds none left for its cache (2026-11-30). 2,048 sequences
+            # used up to 83% of 28 GiB; both engines together peaked at 84 GiB of the H200's 141.
+            # On a GPU under 100 GB run one replica per GPU (job.yaml shows how).
+            "gpu_memory_utilization": 0.45,
+            "kv_cache_memory_bytes": 28 * 2**30,
             "limit_mm_per_prompt": {"image": 1, "video": 0},
             # 225x225 rounds to 224x224: at most 64 image tokens, whatever the input size.
             "mm_processor_kwargs": {"max_pixels": 224 * 224},
         },
+        placement_group_config={"bundle_per_worker": {"GPU": 0.5, "CPU": 1}},
         # vLLM's compile cache (torch.compile and Triton kernels) where every node of the cluster
         # finds it: on Anyscale /mnt/cluster_storage, so a new node starts warm (on an H200 the
         # engine's init took 57 s without the cache, 9-16 s with it). Elsewhere vLLM keeps it in

@@ -20,6 +20,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 import ray
 import vllm
 from conftest import encode
@@ -118,6 +119,29 @@ def test_an_engine_replica_takes_in_only_the_rows_it_runs_at_once():
             assert stage.map_batches_kwargs["max_concurrency"] == preset.max_concurrent_batches
         # The presets' own blocks are one batch each: no Ray warning about fewer tasks than batches.
         assert base.rows_per_block == base.batch_size
+
+
+# Config only: the GPU preset runs two engine replicas per GPU. Sized by a fraction of the GPU,
+# engines that start together each count the other's memory as their own, and the second found none
+# left for its KV cache (2026-11-30): replicas that share a GPU need a fixed KV cache, and their
+# shares may not add up to more than the GPU. Ray Data must ask for a replica's share of a GPU, not a
+# whole one (or a 1-GPU node would run one replica and wait for a second GPU for the other).
+def test_engine_replicas_that_share_a_gpu_ask_for_their_share_and_a_fixed_kv_cache():
+    base = get_preset(smoke_test=False)
+    assert base.replicas_per_gpu == 2
+    for preset in (base, base.sharing_gpus(1), base.sharing_gpus(2), base.sharing_gpus(4)):
+        n = preset.replicas_per_gpu
+        # The local model: Ray Data LLM reads the model's config, and the Hub is out of reach here.
+        config = processor_config(preset, resolve_model("tiny"), concurrency=2 * n)
+        processor = build_caption_processor(config, model_name="x", **row_kwargs(preset))
+        stage = processor.get_stage_by_name("vLLMEngineStage")
+        assert stage.map_batches_kwargs["num_gpus"] == pytest.approx(1 / n), n  # what Ray gets
+        kwargs = stage.fn_constructor_kwargs["engine_kwargs"]  # what vLLM gets
+        assert n * kwargs["gpu_memory_utilization"] <= 0.9 + 1e-9, n
+        assert ("kv_cache_memory_bytes" in kwargs) == (n > 1), n
+    assert base.sharing_gpus(2).engine_kwargs == base.engine_kwargs
+    with pytest.raises(ValueError, match="CPU"):
+        get_preset(smoke_test=True).sharing_gpus(2)
 
 
 # Ray Data for real: blocks of several batches (a target of 32 rows; Ray cut blocks of 16 from this
