@@ -21,12 +21,13 @@
 #   bash benchmarks/h200_x2.sh steady     the preset beside $STEADY_B (default eager), $REPEAT (3) runs each,
 #                                         N=6144 (2026-11-30, STEADY_B=oldpreset: 2 runs each fit)
 #   bash benchmarks/h200_x2.sh tenk       ours ($TENK_A) and the original settings, 10,000 images
-#                                         each, side by side (one GPU each, one Ray cluster), both
+#                                         each, side by side (one GPU each: ours as the preset's
+#                                         two replicas of half a GPU; one Ray cluster), both
 #                                         with warm compile caches when each configuration ran
 #                                         earlier on the same machine; then $FILL_A on GPU A and
 #                                         $FILL_B on GPU B (see fill)
-#   bash benchmarks/h200_x2.sh scale      ours with two engine replicas (the fixed pool (2, 2), one
-#                                         per GPU) and with one, $SCALE_N images per replica, one
+#   bash benchmarks/h200_x2.sh scale      ours on two GPUs (the fixed pool (4, 4), two replicas per
+#                                         GPU) and on one (2, 2), $SCALE_N images per GPU, one
 #                                         after the other
 #   bash benchmarks/h200_x2.sh fp8        the preset with quantization=fp8 (GPU A) beside bf16 (GPU B),
 #                                         N=12288, then $FILL_A / $FILL_B
@@ -44,7 +45,12 @@
 #                                         PROFILE_RUN="0 1" PROFILE_PYSPY=0, whose seqs4096 runs
 #                                         became the preset; then ORDER="two2048 P two2048",
 #                                         "warmrenderer P warmrenderer", "P warmrenderer P" with
-#                                         ALONE_N=12288 PROFILE_AT_K=5, py-spy on). PROFILE_RUN=k
+#                                         ALONE_N=12288 PROFILE_AT_K=5, py-spy on; then
+#                                         "graphs16k P graphs16k" (one run fit), "P graphs16k",
+#                                         "two2048 P", whose two2048 run became the preset).
+#                                         Next, one GPU, two runs fit a call: ORDER="P one4096",
+#                                         "one4096 P", then "P two16k" (the preset needs 3 runs);
+#                                         PROFILE_RUN=k
 #                                         profiles run k (py-spy, nvidia-smi, top) mid-run
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
 # Variants are engine kwargs in JSON, merged into the preset's (a dict such as compilation_config key
