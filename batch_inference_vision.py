@@ -45,6 +45,13 @@ SUMMARY_NAME = "_summary.json"
 CONTACT_SHEET_NAME = "_contact_sheet.png"
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -67,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, help="engine replicas (the GPU preset runs two per GPU)")
     p.add_argument(
         "--replicas-per-gpu",
-        type=int,
+        type=positive,
         help="engine replicas on each GPU (GPU preset: 2; use 1 on a GPU under 100 GB)",
     )
     p.add_argument("--max-tokens", type=int)

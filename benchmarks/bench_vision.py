@@ -4,7 +4,8 @@
     python benchmarks/bench_vision.py --smoke -n 16                       # CPU, tiny model
 
 Runs, each in its own process so each starts a fresh engine and frees its memory:
-  engine    vLLM `LLM.chat` alone, with the GPU preset's engine settings (it prepares every
+  engine    vLLM `LLM.chat` alone, with the GPU preset's engine settings, those of one of its
+            two replicas per GPU, on a GPU of its own (it prepares every
             image before it generates: the offline API as written)
   engine_async  vLLM's AsyncLLM alone, the same settings, fed the way Ray Data LLM feeds it
             (the same number of requests in flight, each returned once finished): what the
@@ -80,7 +81,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--replicas-per-gpu",
-        type=int,
+        type=positive,
         help="Preset.sharing_gpus: engine replicas per GPU with their memory settings (1: vLLM sizes "
         "the KV cache; the GPU preset runs 2)",
     )

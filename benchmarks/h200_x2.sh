@@ -280,10 +280,17 @@ disown $WHERE  # else the steps' bare `wait` would wait for it forever
 trap 'kill $WHERE 2>/dev/null' EXIT
 # The preset (labelled PREFIX-preset) beside variant VARIANT (PREFIX-VARIANT), one driver per GPU on
 # one Ray cluster, started at the same moment, $REPEAT (3) runs each, N=6144: beside_preset PREFIX VARIANT
+# Side by side on one Ray cluster, a driver keeps a GPU of its own only with one replica per GPU:
+# Ray places half-GPU replicas on the first GPU with room, so the preset's two replicas and the
+# other driver's could share a GPU. So both sides run with $SIDE (default $ONE: one engine of the
+# preset's 2,048 sequences per GPU); the two-replica preset itself is measured with `alone`.
+SIDE=${SIDE-$ONE}
 beside_preset() {
   cluster_up
-  bench -n 6144 --runs pipeline --repeat "${REPEAT:-3}" --workdir /tmp/bw_a --label "$1-preset" > "$L/a.txt" 2>&1 &
-  benchv "$2" -n 6144 --runs pipeline --repeat "${REPEAT:-3}" --workdir /tmp/bw_b --label "$1-$2" > "$L/b.txt" 2>&1 &
+  # shellcheck disable=SC2086  # $SIDE is a list of arguments
+  bench -n 6144 --runs pipeline --repeat "${REPEAT:-3}" --workdir /tmp/bw_a --label "$1-preset" $SIDE > "$L/a.txt" 2>&1 &
+  # shellcheck disable=SC2086
+  benchv "$2" -n 6144 --runs pipeline --repeat "${REPEAT:-3}" --workdir /tmp/bw_b --label "$1-$2" $SIDE > "$L/b.txt" 2>&1 &
   wait
 }
 # After a step's run on GPU a or b: variant $1 (original: the original settings; fp8: the preset
@@ -338,7 +345,8 @@ probe)
   cluster_up
   TWO='{"bundle_per_worker": {"GPU": 0.5, "CPU": 1}}'
   TWO_KW='{"gpu_memory_utilization": 0.45, "kv_cache_memory_bytes": 21474836480}'
-  bench -n 6144 --runs pipeline --repeat 2 --workdir /tmp/bw_a --label probe-preset > "$L/a.txt" 2>&1 &
+  # shellcheck disable=SC2086  # the preset of the time: one engine per GPU
+  bench -n 6144 --runs pipeline --repeat 2 --workdir /tmp/bw_a --label probe-preset $ONE > "$L/a.txt" 2>&1 &
   pa=$!
   bench -n 12288 --runs pipeline --repeat 2 --concurrency 2 --placement-group-config "$TWO" \
     --engine-kwargs "$TWO_KW" --workdir /tmp/bw_b --label probe-2pergpu > "$L/b.txt" 2>&1 &
@@ -416,9 +424,11 @@ scale)
   finish scale ;;
 fp8)
   cluster_up
-  # 12,288 images: three waves of the preset's 2 x 2,048 sequences.
-  { bench -n 12288 --runs fp8 --workdir /tmp/bw_a --label fp8; fill "${FILL_A:-}" a; } > "$L/a.txt" 2>&1 &
-  { bench -n 12288 --runs pipeline --workdir /tmp/bw_b --label bf16; fill "${FILL_B:-}" b; } > "$L/b.txt" 2>&1 &
+  # One replica per GPU on each side ($SIDE, see beside_preset).
+  # shellcheck disable=SC2086
+  { bench -n 12288 --runs fp8 --workdir /tmp/bw_a --label fp8 $SIDE; fill "${FILL_A:-}" a; } > "$L/a.txt" 2>&1 &
+  # shellcheck disable=SC2086
+  { bench -n 12288 --runs pipeline --workdir /tmp/bw_b --label bf16 $SIDE; fill "${FILL_B:-}" b; } > "$L/b.txt" 2>&1 &
   wait
   finish fp8 ;;
 notebook)

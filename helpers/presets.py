@@ -64,7 +64,7 @@ class Preset:
 
         Ray Data hands an actor up to this many tasks before another actor gets any, and a task is
         a block of at least `batch_size` rows (the repartition's `rows_per_block`). Its default,
-        2 x `max_concurrent_batches` tasks, is 98,304 rows for the GPU preset with blocks of 256:
+        2 x `max_concurrent_batches` tasks, was 98,304 rows for the GPU preset with blocks of 256:
         on two H200s the first replica up took every row of a two-replica run and Ray Data shut the
         second down, idle. A cap of `max_concurrent_batches` tasks, counted as batches, did the
         same on one H200 (2026-12-01): with blocks of 256 rows a task held four batches.
@@ -84,9 +84,10 @@ class Preset:
     def sharing_gpus(self, replicas_per_gpu: int) -> Preset:
         """This GPU preset with `replicas_per_gpu` engine replicas on each GPU (`concurrency` stays
         the number of replicas). One per GPU: vLLM sizes the KV cache itself from 90% of the GPU,
-        as on a GPU under 100 GB. More: each replica keeps the preset's fixed KV cache (sized by a
-        fraction of the GPU, engines that start together each count the other's memory as their
-        own, and the last finds none left for its cache)."""
+        as on a GPU under 100 GB. More: each replica gets a fixed KV cache (sized by a fraction of
+        the GPU, engines that start together each count the other's memory as their own, and the
+        last finds none left for its cache), the preset's share of the GPU's KV cache split
+        between them: the GPU holds the same KV cache however many replicas share it."""
         if replicas_per_gpu < 1:
             raise ValueError(f"replicas_per_gpu must be 1 or more, not {replicas_per_gpu}")
         bundle = dict((self.placement_group_config or {}).get("bundle_per_worker") or {"GPU": 1})
@@ -102,7 +103,8 @@ class Preset:
                 raise ValueError(
                     "replicas that share a GPU need a fixed kv_cache_memory_bytes in engine_kwargs"
                 )
-            engine_kwargs["kv_cache_memory_bytes"] = self.engine_kwargs["kv_cache_memory_bytes"]
+            per_gpu = self.engine_kwargs["kv_cache_memory_bytes"] * self.replicas_per_gpu
+            engine_kwargs["kv_cache_memory_bytes"] = per_gpu // replicas_per_gpu
         return replace(
             self, engine_kwargs=engine_kwargs, placement_group_config={"bundle_per_worker": bundle}
         )

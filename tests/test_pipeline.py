@@ -139,6 +139,8 @@ def test_engine_replicas_that_share_a_gpu_ask_for_their_share_and_a_fixed_kv_cac
         kwargs = stage.fn_constructor_kwargs["engine_kwargs"]  # what vLLM gets
         assert n * kwargs["gpu_memory_utilization"] <= 0.9 + 1e-9, n
         assert ("kv_cache_memory_bytes" in kwargs) == (n > 1), n
+        if n > 1:  # the GPU holds the preset's KV cache, however many replicas share it
+            assert n * kwargs["kv_cache_memory_bytes"] <= 2 * base.engine_kwargs["kv_cache_memory_bytes"]
     assert base.sharing_gpus(2).engine_kwargs == base.engine_kwargs
     with pytest.raises(ValueError, match="CPU"):
         get_preset(smoke_test=True).sharing_gpus(2)
