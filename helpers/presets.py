@@ -82,12 +82,13 @@ class Preset:
         return max(1, round(1 / share))
 
     def sharing_gpus(self, replicas_per_gpu: int) -> Preset:
-        """This GPU preset with `replicas_per_gpu` engine replicas on each GPU (`concurrency` stays
-        the number of replicas). One per GPU: vLLM sizes the KV cache itself from 90% of the GPU,
-        as on a GPU under 100 GB. More: each replica gets a fixed KV cache (sized by a fraction of
-        the GPU, engines that start together each count the other's memory as their own, and the
-        last finds none left for its cache), the preset's share of the GPU's KV cache split
-        between them: the GPU holds the same KV cache however many replicas share it."""
+        """This GPU preset with `replicas_per_gpu` engine replicas on each GPU, on as many GPUs
+        as before (`concurrency` and `scale_up_concurrency` count replicas). One per GPU: vLLM
+        sizes the KV cache itself from 90% of the GPU, as on a GPU under 100 GB. More: each
+        replica gets a fixed KV cache (sized by a fraction of the GPU, engines that start together
+        each count the other's memory as their own, and the last finds none left for its cache),
+        the preset's share of the GPU's KV cache split between them: the GPU holds the same KV
+        cache however many replicas share it."""
         if replicas_per_gpu < 1:
             raise ValueError(f"replicas_per_gpu must be 1 or more, not {replicas_per_gpu}")
         bundle = dict((self.placement_group_config or {}).get("bundle_per_worker") or {"GPU": 1})
@@ -105,8 +106,15 @@ class Preset:
                 )
             per_gpu = self.engine_kwargs["kv_cache_memory_bytes"] * self.replicas_per_gpu
             engine_kwargs["kv_cache_memory_bytes"] = per_gpu // replicas_per_gpu
+        gpus, scale_up_gpus = (
+            max(1, round(r / self.replicas_per_gpu)) for r in (self.concurrency, self.scale_up_concurrency)
+        )
         return replace(
-            self, engine_kwargs=engine_kwargs, placement_group_config={"bundle_per_worker": bundle}
+            self,
+            engine_kwargs=engine_kwargs,
+            placement_group_config={"bundle_per_worker": bundle},
+            concurrency=gpus * replicas_per_gpu,
+            scale_up_concurrency=scale_up_gpus * replicas_per_gpu,
         )
 
     def runtime_env(self) -> dict[str, Any]:

@@ -142,6 +142,9 @@ def test_engine_replicas_that_share_a_gpu_ask_for_their_share_and_a_fixed_kv_cac
         if n > 1:  # the GPU holds the preset's KV cache, however many replicas share it
             assert n * kwargs["kv_cache_memory_bytes"] <= 2 * base.engine_kwargs["kv_cache_memory_bytes"]
     assert base.sharing_gpus(2).engine_kwargs == base.engine_kwargs
+    # The same GPUs, with n replicas on each: the first run on one, the scale-up on four.
+    for n in (1, 2, 4):
+        assert (base.sharing_gpus(n).concurrency, base.sharing_gpus(n).scale_up_concurrency) == (n, 4 * n)
     with pytest.raises(ValueError, match="CPU"):
         get_preset(smoke_test=True).sharing_gpus(2)
 
