@@ -48,8 +48,8 @@
 #                                         ALONE_N=12288 PROFILE_AT_K=5, py-spy on; then
 #                                         "graphs16k P graphs16k" (one run fit), "P graphs16k",
 #                                         "two2048 P", whose two2048 run became the preset).
-#                                         Next, one GPU, two runs fit a call: ORDER="P one4096",
-#                                         "one4096 P", then "P two16k" (the preset needs 3 runs);
+#                                         Next, one GPU, two runs fit a call: ORDER="P seqs4096",
+#                                         "seqs4096 P", then "P two16k" (the preset needs 3 runs);
 #                                         PROFILE_RUN=k
 #                                         profiles run k (py-spy, nvidia-smi, top) mid-run
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
@@ -57,7 +57,7 @@
 # by key: a variant names only what it changes), with bench arguments from
 # VARIANT_ARGS and an environment from VARIANT_ENV. A variant without VARIANT_ARGS changes the current
 # preset (two engines per GPU since 2026-12-01's sixth session; the earlier ones ran on one engine per
-# GPU, which one4096 and the seqs variants restore with $ONE). Several name a lever that is now in the preset
+# GPU, which the seqs variants restore with $ONE: seqs4096 is the preset before it). Several name a lever that is now in the preset
 # (kept so the results files can be repeated): pend2048, seqs4096; seqs2048 and async2048 are the
 # preset before it, seqs1024 the one before that; async is vLLM's default.
 # Carry .device/kit (and .whl: py-spy for the profile). Every log lands in $OUT/logs.tgz, the JSON
@@ -127,8 +127,6 @@ declare -A VARIANT=(
   [graphs16k]="{\"max_num_seqs\": 4096, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES16K}}"
   # The same on the two-engine preset: each engine's steps hold up to 16,384 tokens too. Not measured.
   [two16k]="{\"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES16K}}"
-  # The preset before 2026-12-01's sixth session: one engine of 4,096 on the GPU (VARIANT_ARGS).
-  [one4096]="{$SEQS4096}"
   # two2048 is the preset since 2026-12-01's sixth session: ORDER="two2048 P" on one H200 (the cap
   # counting rows; each engine captioned 96 batches, 6,144 rows): 221.43 images/s steady against
   # 139.86 for one engine of 4,096 (1.58x, one pair; start-up 157.0 s, its compile cache cold,
@@ -174,12 +172,13 @@ declare -A VARIANT_ARGS=(
   [seqs2048]="$QUEUE4096 $ONE"
   [async2048]="$QUEUE4096 $ONE"
   [seqs4096]="$QUEUE8192 $ONE"
-  [one4096]="$QUEUE8192 $ONE"
   [graphs16k]="$QUEUE8192 $ONE"
   [two2048]="$QUEUE4096 --concurrency 2 --placement-group-config {\"bundle_per_worker\":{\"GPU\":0.5,\"CPU\":1}}"
   [oldpreset]="--max-concurrent-batches 32 --max-pending-requests 1127 $ONE"  # Ray Data LLM's default queue
   [warmrenderer]="--warm-renderer"
 )
+# The GPU preset's engine replicas per GPU (the scale and notebook steps ask for whole GPUs).
+replicas_per_gpu() { python3 -c 'from helpers.presets import get_preset; print(get_preset(False).replicas_per_gpu)'; }
 left() { local s=$((START + DEADLINE_S - $(date +%s))); echo $((s > 1 ? s : 1)); }
 bench() {
   timeout -s KILL "$(left)" python3 benchmarks/bench_vision.py --model "$MODEL_DIR" --dummy \
@@ -418,8 +417,9 @@ scale)
   # cluster, in the order $SCALE_ORDER (words 1 and 2: GPUs).
   cluster_up
   n=${SCALE_N:-12288}
+  per_gpu=$(replicas_per_gpu)
   for r in ${SCALE_ORDER:-2 1}; do
-    bench -n $((r * n)) --runs pipeline --concurrency $((2 * r)) --workdir /tmp/bw_scale --label "scale$r"
+    bench -n $((r * n)) --runs pipeline --concurrency $((r * per_gpu)) --workdir /tmp/bw_scale --label "scale$r"
   done > "$L/scale.txt" 2>&1
   finish scale ;;
 fp8)
@@ -436,7 +436,7 @@ notebook)
   python3 .nbtools/make_random_weights.py "$MODEL_DIR" /tmp/model/rand3b > "$L/weights.log" 2>&1
   python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_vision as b; b.make_shards(__import__('pathlib').Path('/tmp/shards'), 8192)"
   SMOKE_TEST=0 MODEL=/tmp/model/rand3b DATASET='/tmp/shards/*.tar' NUM_IMAGES=4096 \
-    SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=4 OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
+    SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=$((2 * $(replicas_per_gpu))) OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
     timeout -s KILL "$(left)" python3 .nbtools/run_notebook_cells.py llm_batch_inference_vision.ipynb > "$L/notebook.txt" 2>&1
   grep -h "=== CELL\|NB_OK" "$L/notebook.txt" | grep -v "start t=" | tail -40
   finish notebook ;;
