@@ -32,8 +32,10 @@
 #   bash benchmarks/h200_x2.sh fp8        the preset with quantization=fp8 (GPU A) beside bf16 (GPU B),
 #                                         N=12288, then $FILL_A / $FILL_B
 #                                         (needs the compressed-tensors and loguru wheels in .whl)
-#   bash benchmarks/h200_x2.sh notebook   the unmodified notebook with the GPU preset, random weights
-#                                         (carry .nbtools: run_notebook_cells.py, make_random_weights.py)
+#   bash benchmarks/h200_x2.sh notebook   the unmodified notebook with the GPU preset, random weights,
+#                                         the scale-up on every GPU of the machine
+#                                         (carry .nbtools: run_notebook_cells.py, make_random_weights.py;
+#                                         2026-12-01 seventh session, one H200: 403.4 s)
 #   bash benchmarks/h200_x2.sh alone      one GPU: $ALONE_A (default seqs2048) and the preset one
 #                                         after the other, order $ORDER (default "A P A"; other
 #                                         words name variants), N=$ALONE_N (default 6144)
@@ -47,9 +49,9 @@
 #                                         "warmrenderer P warmrenderer", "P warmrenderer P" with
 #                                         ALONE_N=12288 PROFILE_AT_K=5, py-spy on; then
 #                                         "graphs16k P graphs16k" (one run fit), "P graphs16k",
-#                                         "two2048 P", whose two2048 run became the preset).
-#                                         Next, one GPU, two runs fit a call: ORDER="P seqs4096",
-#                                         "seqs4096 P", then "P two16k" (the preset needs 3 runs);
+#                                         "two2048 P", whose two2048 run became the preset;
+#                                         then "P P" (the machine's first start) and "P two16k":
+#                                         the preset's steady median of 4 runs, its start-ups).
 #                                         PROFILE_RUN=k
 #                                         profiles run k (py-spy, nvidia-smi, top) mid-run
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
@@ -125,7 +127,9 @@ declare -A VARIANT=(
   # machine's first start alone (173.63), then ORDER="P graphs16k": 160.72 against the one-engine
   # preset's 146.15 (one pair, 1.10x). Not kept: two engines per GPU did far more.
   [graphs16k]="{\"max_num_seqs\": 4096, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES16K}}"
-  # The same on the two-engine preset: each engine's steps hold up to 16,384 tokens too. Not measured.
+  # The same on the two-engine preset: each engine's steps hold up to 16,384 tokens too. 2026-12-01
+  # seventh session, one H200, ORDER="P two16k": 219.86 against the preset's 197.64 (one pair, 1.11x,
+  # inside the preset's own spread that session, 198-228; 18 GiB more GPU memory). Not kept.
   [two16k]="{\"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES16K}}"
   # two2048 is the preset since 2026-12-01's sixth session: ORDER="two2048 P" on one H200 (the cap
   # counting rows; each engine captioned 96 batches, 6,144 rows): 221.43 images/s steady against
@@ -435,8 +439,10 @@ notebook)
   # The notebook reads real files: a model folder with random weights as safetensors, local shards.
   python3 .nbtools/make_random_weights.py "$MODEL_DIR" /tmp/model/rand3b > "$L/weights.log" 2>&1
   python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_vision as b; b.make_shards(__import__('pathlib').Path('/tmp/shards'), 8192)"
+  # The scale-up's pool: every GPU of this machine (two on nvidia-h200-x2, one on nvidia-h200).
+  gpus=$(nvidia-smi -L | wc -l)
   SMOKE_TEST=0 MODEL=/tmp/model/rand3b DATASET='/tmp/shards/*.tar' NUM_IMAGES=4096 \
-    SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=$((2 * $(replicas_per_gpu))) OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
+    SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=$((gpus * $(replicas_per_gpu))) OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
     timeout -s KILL "$(left)" python3 .nbtools/run_notebook_cells.py llm_batch_inference_vision.ipynb > "$L/notebook.txt" 2>&1
   grep -h "=== CELL\|NB_OK" "$L/notebook.txt" | grep -v "start t=" | tail -40
   finish notebook ;;

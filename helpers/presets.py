@@ -138,7 +138,8 @@ PRESETS: dict[str, Preset] = {
         # process: at 4,096 sequences in one engine, that process's one Python thread was the limit
         # (98% busy, half of it vLLM's per-request scheduling). Two engines of
         # 2,048 split that work: 221.4 images/s steady against 139.9 for one engine of 4,096, run
-        # one after the other on one H200 (2026-12-01, one pair: 1.58x; benchmarks/results/).
+        # one after the other on one H200 (2026-12-01, one pair: 1.58x), and 222.6 at the median of
+        # 4 runs (197.6-227.9; benchmarks/results/latest.json).
         concurrency=2,
         max_tokens=256,
         # 6,144 rows in each replica's engine stage, 4,096 of them inside its engine: 2,048 running
