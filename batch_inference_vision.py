@@ -171,6 +171,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         engine_kwargs=args.engine_kwargs,
+        # The rows left to caption, where --limit says: each replica takes in an even share at most.
+        rows=None if args.limit is None else max(1, args.limit - len(done_ids)),
     )
     processor = build_caption_processor(config, model_name=model_name, **row_kwargs(preset))
     t_run = time.time()

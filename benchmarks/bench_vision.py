@@ -365,7 +365,11 @@ def run_pipeline(args, shards: str, run: str) -> dict:
     phase("ray_up")
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = processor_config(
-        preset, resolve_model(model_name), batch_size=batch_size, concurrency=concurrency
+        preset,
+        resolve_model(model_name),
+        batch_size=batch_size,
+        concurrency=concurrency,
+        rows=args.num_images,  # each replica takes in an even share of the run at most
     )
     if run == "original":  # the tutorial left Ray Data's default (2 x max_concurrent_batches)
         config = config.model_copy(update={"max_tasks_in_flight_per_actor": None})

@@ -22,7 +22,10 @@ def processor_config(
     batch_size: int | None = None,
     concurrency: int | None = None,
     engine_kwargs: dict[str, Any] | None = None,
+    rows: int | None = None,
 ) -> vLLMEngineProcessorConfig:
+    """The engine stage's configuration. `rows`: the run's size where it is known (the job's
+    --limit), so each replica takes in at most an even share of it."""
     separate = preset.separate_tokenizer_stages
     replicas = concurrency or preset.concurrency
     batch = batch_size or preset.batch_size
@@ -37,7 +40,7 @@ def processor_config(
         # Ray Data hands a replica up to this many tasks (blocks) before the next replica gets any;
         # its default, 2 x max_concurrent_batches, let the first replica up take every row of a
         # two-replica run, and Ray Data shut the second down, idle (2026-12-01, twice).
-        max_tasks_in_flight_per_actor=preset.replica_tasks_in_flight(batch),
+        max_tasks_in_flight_per_actor=preset.replica_tasks_in_flight(batch, rows=rows, replicas=replicas),
         max_pending_requests=preset.max_pending_requests,
         accelerator_type=preset.accelerator_type,
         placement_group_config=preset.placement_group_config,

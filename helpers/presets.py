@@ -58,20 +58,34 @@ class Preset:
     ray_init_kwargs: dict[str, Any] = field(default_factory=dict)  # for a local start only
     env_vars: dict[str, str] = field(default_factory=dict)
 
-    def replica_tasks_in_flight(self, batch_size: int | None = None) -> int:
+    def replica_tasks_in_flight(
+        self,
+        batch_size: int | None = None,
+        *,
+        rows: int | None = None,
+        blocks: int | None = None,
+        replicas: int | None = None,
+    ) -> int:
         """Ray Data's `max_tasks_in_flight_per_actor` for the engine stage: the tasks a replica
-        takes in at once, so that it holds only the `max_concurrent_batches` batches it runs.
+        takes in at once, so that it holds only the `max_concurrent_batches` batches it runs and,
+        in a run of `rows` rows over `replicas` replicas, no more than an even share of the run.
 
         Ray Data hands an actor up to this many tasks before another actor gets any, and a task is
-        a block of at least `batch_size` rows (the repartition's `rows_per_block`). Its default,
-        2 x `max_concurrent_batches` tasks, was 98,304 rows for the GPU preset with blocks of 256:
+        a block of at least `batch_size` rows: the repartition's `rows_per_block`, or `rows` over
+        `blocks` for a repartition into a number of blocks. Its default, 2 x
+        `max_concurrent_batches` tasks, was 98,304 rows for the GPU preset with blocks of 256:
         on two H200s the first replica up took every row of a two-replica run and Ray Data shut the
         second down, idle. A cap of `max_concurrent_batches` tasks, counted as batches, did the
-        same on one H200 (2026-12-01): with blocks of 256 rows a task held four batches.
+        same on one H200 (2026-12-01): with blocks of 256 rows a task held four batches. And a run
+        smaller than one replica's batches in flight (the notebook's first run: 10,000 images
+        against 6,144 per replica of the GPU preset) would all go to the replica that is up first.
         """
         batch = batch_size or self.batch_size
-        rows = batch * self.max_concurrent_batches
-        return max(1, -(-rows // max(batch, self.rows_per_block)))
+        rows_per_block = -(-rows // blocks) if rows and blocks else self.rows_per_block
+        in_flight = batch * self.max_concurrent_batches
+        if rows and replicas:
+            in_flight = min(in_flight, -(-rows // replicas))
+        return max(1, -(-in_flight // max(batch, rows_per_block)))
 
     @property
     def replicas_per_gpu(self) -> int:

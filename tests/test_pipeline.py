@@ -71,9 +71,10 @@ def test_the_engine_stage_builds_final_only_no_detokenize_sampling_params(ray_lo
     assert params.output_kind == RequestOutputKind.FINAL_ONLY and params.detokenize is False
 
 
-# Config only: a fixed pool (min == max) is what makes Ray start every replica at once.
+# Config only (with the local test model: Ray Data LLM reads the model's config, and the Hub is out
+# of reach here): a fixed pool (min == max) is what makes Ray start every replica at once.
 def test_engine_replicas_are_configured_as_a_fixed_pool():
-    config = processor_config(get_preset(smoke_test=False), "Qwen/Qwen2.5-VL-3B-Instruct", concurrency=3)
+    config = processor_config(get_preset(smoke_test=False), resolve_model("tiny"), concurrency=3)
     pool = config.get_concurrency(autoscaling_enabled=True)  # what Ray Data LLM asks of Ray Data
     assert pool.get("size", pool.get("min_size")) == 3 and pool.get("max_size", 3) == 3, pool
 
@@ -84,7 +85,7 @@ def test_engine_replicas_are_configured_as_a_fixed_pool():
 def test_the_engine_holds_a_queue_of_prepared_requests_beyond_those_it_runs():
     preset = get_preset(smoke_test=False)
     processor = build_caption_processor(
-        processor_config(preset, "Qwen/Qwen2.5-VL-3B-Instruct"), model_name="x", **row_kwargs(preset)
+        processor_config(preset, resolve_model("tiny")), model_name="x", **row_kwargs(preset)
     )
     stage = processor.get_stage_by_name("vLLMEngineStage")
     pending = stage.fn_constructor_kwargs["max_pending_requests"]  # what the engine actor gets
@@ -107,7 +108,7 @@ def test_an_engine_replica_takes_in_only_the_rows_it_runs_at_once():
         for rows_per_block, batch_size in cases:
             preset = dataclasses.replace(base, rows_per_block=rows_per_block or base.rows_per_block)
             batch = batch_size or preset.batch_size
-            config = processor_config(preset, "Qwen/Qwen2.5-VL-3B-Instruct", concurrency=2, batch_size=batch)
+            config = processor_config(preset, resolve_model("tiny"), concurrency=2, batch_size=batch)
             processor = build_caption_processor(config, model_name="x", **row_kwargs(preset))
             stage = processor.get_stage_by_name("vLLMEngineStage")
             compute = stage.map_batches_kwargs["compute"]  # what Ray Data gets
@@ -119,6 +120,22 @@ def test_an_engine_replica_takes_in_only_the_rows_it_runs_at_once():
             assert stage.map_batches_kwargs["max_concurrency"] == preset.max_concurrent_batches
         # The presets' own blocks are one batch each: no Ray warning about fewer tasks than batches.
         assert base.rows_per_block == base.batch_size
+
+
+# Config only: where the run's size is known (the notebook's runs, the job's --limit), a replica takes
+# in at most an even share of it, in whole blocks, so the replica that is up first can't take it all.
+def test_a_replica_takes_in_at_most_an_even_share_of_a_run_of_known_size():
+    gpu = get_preset(smoke_test=False)
+    # The notebook's first run on the GPU preset: 10,000 images in 64 blocks of 157 rows, 2 replicas.
+    tasks = gpu.replica_tasks_in_flight(64, rows=10_000, blocks=64, replicas=2)
+    assert (tasks - 1) * 157 < 5_000 <= tasks * 157
+    # A run far bigger than the replicas' batches in flight: the cap is what a replica runs at once.
+    assert gpu.replica_tasks_in_flight(64, rows=1_000_000, replicas=8) == gpu.max_concurrent_batches
+    # The job's --limit reaches Ray Data: 4,096 rows over two replicas, blocks of one batch.
+    config = processor_config(gpu, resolve_model("tiny"), concurrency=2, rows=4096)
+    processor = build_caption_processor(config, model_name="x", **row_kwargs(gpu))
+    compute = processor.get_stage_by_name("vLLMEngineStage").map_batches_kwargs["compute"]
+    assert compute.max_tasks_in_flight_per_actor == 2048 // gpu.rows_per_block
 
 
 # Config only: the GPU preset runs two engine replicas per GPU. Sized by a fraction of the GPU,
@@ -149,36 +166,46 @@ def test_engine_replicas_that_share_a_gpu_ask_for_their_share_and_a_fixed_kv_cac
         get_preset(smoke_test=True).sharing_gpus(2)
 
 
-# Ray Data for real: blocks of several batches (a target of 32 rows; Ray cut blocks of 16 from this
-# range), the engine stage's compute and concurrency as processor_config sets them, a replica that
-# comes up after the other. With a cap of max_concurrent_batches tasks (the fix of 2026-12-01,
+# Ray Data for real, a replica coming up after the other: the engine stage's compute and concurrency
+# as processor_config sets them. "blocks": blocks of several batches (a target of 32 rows; Ray cut
+# blocks of 16 from this range). With a cap of max_concurrent_batches tasks (the fix of 2026-12-01,
 # before it counted rows) the first replica took all 128 rows and Ray Data shut the second down,
-# idle, as on the H200s; with replica_tasks_in_flight both replicas caption.
-def test_two_replicas_share_the_rows_when_a_block_holds_several_batches(ray_local, tmp_path):
+# idle, as on the H200s. "small run": a run smaller than the rows two replicas run at once (the
+# notebook's first run on the GPU preset: 10,000 images against 2 x 6,144): without the cap's even
+# share the first replica takes every row. With replica_tasks_in_flight both replicas caption.
+@pytest.mark.parametrize(
+    ("case", "rows_per_block", "n", "first_up_s", "second_up_s", "batch_s"),
+    [("blocks", 32, 128, 0, 8, 5), ("small run", 8, 32, 6, 2, 10)],
+)
+def test_two_replicas_share_the_rows(
+    ray_local, tmp_path, case, rows_per_block, n, first_up_s, second_up_s, batch_s
+):
     class TimedReplica:  # in the test: Ray workers unpickle it by value
-        """Ray Data's side of an engine replica, with fixed timings: the first replica is up at
-        once, the second 8 s later, after every block is queued (on the H200s 0.7-0.9 s later,
-        but the blocks had queued during the engines' 2-minute start), and a batch takes 5 s.
-        Which replica gets rows then depends only on how many tasks Ray Data hands each, which is
-        what this test checks; the engine itself runs in the tests above."""
+        """Ray Data's side of an engine replica, with fixed timings: the first replica is up after
+        `first_up_s` (long enough for every block to queue, as during the engines' 2-minute start
+        on the H200s), the second `second_up_s` after it (0.7-0.9 s on the H200s), and a batch
+        takes `batch_s`. Which replica gets rows then depends only on how many tasks Ray Data
+        hands each, which is what this test checks; the engine itself runs in the tests above."""
 
         def __init__(self, flag: str):
             try:
                 os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+                time.sleep(first_up_s)
             except FileExistsError:
-                time.sleep(8)
+                time.sleep(first_up_s + second_up_s)
 
         async def __call__(self, batch):
-            await asyncio.sleep(5)
+            await asyncio.sleep(batch_s)
             return {"id": batch["id"], "pid": np.full(len(batch["id"]), os.getpid())}
 
-    preset = dataclasses.replace(get_preset(smoke_test=True), max_concurrent_batches=4, rows_per_block=32)
-    config = processor_config(preset, "Qwen/Qwen2.5-VL-3B-Instruct", concurrency=2)
+    preset = dataclasses.replace(
+        get_preset(smoke_test=True), max_concurrent_batches=4, rows_per_block=rows_per_block
+    )
+    config = processor_config(preset, resolve_model("tiny"), concurrency=2, rows=n)
     stage = build_caption_processor(config, model_name="x", **row_kwargs(preset)).get_stage_by_name(
         "vLLMEngineStage"
     )
     kw = stage.map_batches_kwargs
-    n = 4 * preset.rows_per_block
     ds = ray.data.range(n).repartition(target_num_rows_per_block=preset.rows_per_block)
     out = ds.map_batches(
         TimedReplica,
@@ -192,7 +219,7 @@ def test_two_replicas_share_the_rows_when_a_block_holds_several_batches(ray_loca
         num_cpus=0,
     ).to_pandas()
     assert sorted(out["id"]) == list(range(n))  # rows in = rows out
-    assert out["pid"].nunique() == 2, out.groupby("pid").size().to_dict()
+    assert out["pid"].nunique() == 2, (case, out.groupby("pid").size().to_dict())
 
 
 # Config only: the job's --engine-kwargs override a preset's keys; a dict such as compilation_config
@@ -200,7 +227,7 @@ def test_two_replicas_share_the_rows_when_a_block_holds_several_batches(ray_loca
 def test_engine_kwargs_given_to_the_job_merge_into_the_presets_key_by_key():
     preset = get_preset(smoke_test=False)
     override = {"max_num_seqs": 2048, "compilation_config": {"mode": 0}}
-    merged = processor_config(preset, "Qwen/Qwen2.5-VL-3B-Instruct", engine_kwargs=override).engine_kwargs
+    merged = processor_config(preset, resolve_model("tiny"), engine_kwargs=override).engine_kwargs
     graphs = preset.engine_kwargs["compilation_config"]["cudagraph_capture_sizes"]
     assert merged["max_num_seqs"] == 2048 and merged["compilation_config"]["mode"] == 0
     assert merged["compilation_config"]["cudagraph_capture_sizes"] == graphs

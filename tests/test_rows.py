@@ -8,7 +8,7 @@ from PIL import Image
 from vllm.sampling_params import RequestOutputKind
 
 from helpers.pipeline import processor_config, row_kwargs
-from helpers.presets import get_preset
+from helpers.presets import get_preset, resolve_model
 from helpers.rows import (
     ENGINE_ERROR_COLUMN,
     OUTPUT_COLUMNS,
@@ -81,7 +81,7 @@ def test_cmyk_keeps_its_colour():
 def test_exactly_one_of_engine_and_ray_data_llm_detokenizes(separate):
     # Both: wasted work; neither: empty captions. Run for real in test_pipeline.py.
     preset = dataclasses.replace(get_preset(smoke_test=False), separate_tokenizer_stages=separate)
-    ray_stage = processor_config(preset, "Qwen/Qwen2.5-VL-3B-Instruct").detokenize_stage["enabled"]
+    ray_stage = processor_config(preset, resolve_model("tiny")).detokenize_stage["enabled"]
     assert ray_stage is separate and row_kwargs(preset)["detokenize"] is not separate
 
 
