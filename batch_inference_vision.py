@@ -171,8 +171,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         engine_kwargs=args.engine_kwargs,
-        # The rows left to caption, where --limit says: each replica takes in an even share at most.
-        rows=None if args.limit is None else max(1, args.limit - len(done_ids)),
+        # The run's size, where --limit says: each replica takes in an even share of it at most. Not
+        # less the ids already done: an output filled by another run may hold ids beyond the limit,
+        # and a share too small would starve the engines (too large only splits less evenly).
+        rows=args.limit,
     )
     processor = build_caption_processor(config, model_name=model_name, **row_kwargs(preset))
     t_run = time.time()

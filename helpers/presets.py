@@ -76,16 +76,20 @@ class Preset:
         `max_concurrent_batches` tasks, was 98,304 rows for the GPU preset with blocks of 256:
         on two H200s the first replica up took every row of a two-replica run and Ray Data shut the
         second down, idle. A cap of `max_concurrent_batches` tasks, counted as batches, did the
-        same on one H200 (2026-12-01): with blocks of 256 rows a task held four batches. And a run
-        smaller than one replica's batches in flight (the notebook's first run: 10,000 images
-        against 6,144 per replica of the GPU preset) would all go to the replica that is up first.
+        same on one H200 (2026-12-01): with blocks of 256 rows a task held four batches. The
+        notebook's first run on the GPU preset cuts 10,000 images into 64 blocks of 157 rows: 96
+        tasks were 15,072 rows, every image for the replica up first. With the blocks counted (40
+        tasks, 6,280 rows) the other replica got the rest; with an even share (31 tasks each, the
+        last 2 blocks to whichever finishes first) both get half. The share rounds down, so that
+        with more replicas none is left without a block. `replicas` defaults to `concurrency`.
         """
         batch = batch_size or self.batch_size
-        rows_per_block = -(-rows // blocks) if rows and blocks else self.rows_per_block
-        in_flight = batch * self.max_concurrent_batches
-        if rows and replicas:
-            in_flight = min(in_flight, -(-rows // replicas))
-        return max(1, -(-in_flight // max(batch, rows_per_block)))
+        rows_per_task = max(batch, -(-rows // blocks) if rows and blocks else self.rows_per_block)
+        tasks = -(-batch * self.max_concurrent_batches // rows_per_task)  # the batches it runs at once
+        if rows:
+            share = -(-rows // (replicas or self.concurrency))
+            tasks = min(tasks, share // rows_per_task)
+        return max(1, tasks)
 
     @property
     def replicas_per_gpu(self) -> int:

@@ -128,7 +128,9 @@ def test_a_replica_takes_in_at_most_an_even_share_of_a_run_of_known_size():
     gpu = get_preset(smoke_test=False)
     # The notebook's first run on the GPU preset: 10,000 images in 64 blocks of 157 rows, 2 replicas.
     tasks = gpu.replica_tasks_in_flight(64, rows=10_000, blocks=64, replicas=2)
-    assert (tasks - 1) * 157 < 5_000 <= tasks * 157
+    assert tasks * 157 <= 5_000 < (tasks + 1) * 157  # whole blocks, within the share
+    # More replicas than blocks to spare: each of 4 still gets a block of the 5 (2, 1, 1, 1).
+    assert gpu.replica_tasks_in_flight(64, rows=5 * 64, replicas=4) == 1
     # A run far bigger than the replicas' batches in flight: the cap is what a replica runs at once.
     assert gpu.replica_tasks_in_flight(64, rows=1_000_000, replicas=8) == gpu.max_concurrent_batches
     # The job's --limit reaches Ray Data: 4,096 rows over two replicas, blocks of one batch.
