@@ -59,8 +59,10 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
     assert pipeline["env_vars"]["BENCH_ENV_MARK"] == "1"  # recorded with the run it changed
     # Recorded, and what the engine actor used (its own log line); the original keeps Ray's default.
     assert pipeline["max_pending_requests"] == 12 and original["max_pending_requests"] is None
-    in_flight = "max_tasks_in_flight_per_actor"  # the preset caps it; the tutorial left Ray's default
-    assert pipeline[in_flight] == 2 and original[in_flight] is None
+    # The preset caps it (here at the run's share: its 6 rows are one block of 8, one task); the
+    # tutorial left Ray's default.
+    in_flight = "max_tasks_in_flight_per_actor"
+    assert pipeline[in_flight] == 1 and original[in_flight] is None
     assert pipeline["rows_per_block"] == original["rows_per_block"] == 8  # a cap's task is a block
     log = (tmp_path / "work" / "logs" / "pipeline-0.log").read_text()
     assert "Max pending requests is set to 12" in log
