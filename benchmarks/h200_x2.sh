@@ -35,7 +35,9 @@
 #   bash benchmarks/h200_x2.sh notebook   the unmodified notebook with the GPU preset, random weights,
 #                                         the scale-up on every GPU of the machine
 #                                         (carry .nbtools: run_notebook_cells.py, make_random_weights.py;
-#                                         2026-12-01 seventh session, one H200: 403.4 s)
+#                                         2026-12-01 seventh session, one H200: 403.4 s, before each
+#                                         replica's even share; next: again, to see both engines
+#                                         caption in each section, from the engine logs it keeps)
 #   bash benchmarks/h200_x2.sh alone      one GPU: $ALONE_A (default seqs2048) and the preset one
 #                                         after the other, order $ORDER (default "A P A"; other
 #                                         words name variants), N=$ALONE_N (default 6144)
@@ -445,6 +447,13 @@ notebook)
     SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=$((gpus * $(replicas_per_gpu))) OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
     timeout -s KILL "$(left)" python3 .nbtools/run_notebook_cells.py llm_batch_inference_vision.ipynb > "$L/notebook.txt" 2>&1
   grep -h "=== CELL\|NB_OK" "$L/notebook.txt" | grep -v "start t=" | tail -40
+  # The engines' lines stay in Ray's worker logs (the notebook sets log_to_driver=False; the 2026-12-01
+  # run kept none): keep them, and count each engine replica's batches, first run and scale-up
+  # (each replica should caption about an even share of each: replica_tasks_in_flight).
+  engine_logs=$(grep -l "Elapsed time for batch" /tmp/ray/session_latest/logs/worker-*.{out,err} 2>/dev/null)
+  # shellcheck disable=SC2086  # a list of files
+  [ -n "$engine_logs" ] && tar czf "$L/engine_logs.tgz" $engine_logs 2>/dev/null
+  for f in $engine_logs; do echo "batches $(grep -c "Elapsed time for batch" "$f") in $(basename "$f")"; done
   finish notebook ;;
 tune)
   cluster_up
