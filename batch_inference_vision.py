@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from helpers.cli import non_negative, positive
 from helpers.data import read_images
 from helpers.output import (
     AtomicParquetDatasink,
@@ -43,20 +44,6 @@ from helpers.show import contact_sheet
 # names starting with "_" or "." and would otherwise try to read them as Parquet.
 SUMMARY_NAME = "_summary.json"
 CONTACT_SHEET_NAME = "_contact_sheet.png"
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
-def non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -198,9 +198,11 @@ benchv() {  # bench with a named variant's engine kwargs, its bench arguments an
   bench "$@" --engine-kwargs "${VARIANT[$v]}" "${extra[@]}"
 }
 ray_cli() { python3 -m ray.scripts.scripts "$@"; }
+# The machine's GPUs (not MIG devices, which nvidia-smi -L lists too).
+gpu_count() { nvidia-smi --query-gpu=index --format=csv,noheader | wc -l; }
 # One Ray cluster over both GPUs for two drivers side by side (Ray's own start is in neither figure).
 cluster_up() {
-  ray_cli start --head --num-gpus "$(nvidia-smi -L | wc -l)" --include-dashboard=false --disable-usage-stats > "$L/ray_start.log" 2>&1
+  ray_cli start --head --num-gpus "$(gpu_count)" --include-dashboard=false --disable-usage-stats > "$L/ray_start.log" 2>&1
   export RAY_ADDRESS=auto
 }
 cluster_down() { ray_cli stop --force > /dev/null 2>&1; }
@@ -442,7 +444,7 @@ notebook)
   python3 .nbtools/make_random_weights.py "$MODEL_DIR" /tmp/model/rand3b > "$L/weights.log" 2>&1
   python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_vision as b; b.make_shards(__import__('pathlib').Path('/tmp/shards'), 8192)"
   # The scale-up's pool: every GPU of this machine (two on nvidia-h200-x2, one on nvidia-h200).
-  gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)  # not MIG devices
+  gpus=$(gpu_count)
   SMOKE_TEST=0 MODEL=/tmp/model/rand3b DATASET='/tmp/shards/*.tar' NUM_IMAGES=4096 \
     SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=$((gpus * $(replicas_per_gpu))) OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
     timeout -s KILL "$(left)" python3 .nbtools/run_notebook_cells.py llm_batch_inference_vision.ipynb > "$L/notebook.txt" 2>&1
