@@ -36,8 +36,8 @@
 #                                         the scale-up on every GPU of the machine
 #                                         (carry .nbtools: run_notebook_cells.py, make_random_weights.py;
 #                                         2026-12-01 seventh session, one H200: 403.4 s, before each
-#                                         replica's even share; next: again, to see both engines
-#                                         caption in each section, from the engine logs it keeps)
+#                                         replica's even share; eighth session, after it: 406.1 s,
+#                                         each engine 32 batches of the first run, 64 of the scale-up)
 #   bash benchmarks/h200_x2.sh alone      one GPU: $ALONE_A (default seqs2048) and the preset one
 #                                         after the other, order $ORDER (default "A P A"; other
 #                                         words name variants), N=$ALONE_N (default 6144)
@@ -53,7 +53,9 @@
 #                                         "graphs16k P graphs16k" (one run fit), "P graphs16k",
 #                                         "two2048 P", whose two2048 run became the preset;
 #                                         then "P P" (the machine's first start) and "P two16k":
-#                                         the preset's steady median of 4 runs, its start-ups).
+#                                         the preset's steady median of 4 runs, its start-ups;
+#                                         eighth session: "P fp8" (the machine's first start),
+#                                         "fp8 P": FP8 with the two-engine preset).
 #                                         PROFILE_RUN=k
 #                                         profiles run k (py-spy, nvidia-smi, top) mid-run
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
@@ -169,6 +171,10 @@ declare -A VARIANT=(
   # in (23-25 s for the preset), but the engine started later beside it: start-up 140.5 and 131.2 s
   # against 134.1 and 144.0. No net gain; not in the preset.
   [warmrenderer]='{}'
+  # The current preset (two engines per GPU) in FP8 (vLLM's online quantization of the weights;
+  # needs the compressed-tensors and loguru wheels in .whl). The fp8 step runs the one-engine
+  # preset of its time beside bf16 on the other GPU; this one runs in `alone` on one GPU.
+  [fp8]='{"quantization": "fp8"}'
 )
 declare -A VARIANT_ENV=([mmgraph]=VLLM_USE_V2_MODEL_RUNNER=0)
 declare -A VARIANT_ARGS=(
@@ -253,6 +259,7 @@ dump_after_first_request() {
   done
 }
 summary() {
+  [ -e "$OUT/results.jsonl" ] || return 0  # the notebook step writes none
   python3 - "$OUT/results.jsonl" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
@@ -378,7 +385,8 @@ steady)
 alone)
   # One GPU (nvidia-h200, when two are not lent): the preset (P) and $ALONE_A (A) one after the
   # other on one Ray cluster, in the order $ORDER (default "A P A"; any other word names a variant,
-  # e.g. ORDER="async P seqs2048"), N=$ALONE_N (default 6144) each. Not side by side: pair each run with its
+  # e.g. ORDER="async P seqs2048", and "original" the tutorial's original settings), N=$ALONE_N
+  # (default 6144) each. Not side by side: pair each run with its
   # neighbours in the same call.
   A=${ALONE_A:-seqs2048}
   variant_of() { [ "$1" = A ] && echo "$A" || echo "$1"; }
@@ -399,6 +407,8 @@ alone)
     v=$(variant_of "$who")
     if [ "$v" = P ]; then
       bench -n "$n" --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label "$(label_of P)"
+    elif [ "$v" = original ]; then  # the tutorial's original settings (bench --runs original)
+      bench -n "$n" --runs original --workdir /tmp/bw_a --logdir "$L/logs/$k" --label alone-original
     else
       benchv "$v" -n "$n" --runs pipeline --workdir /tmp/bw_a --logdir "$L/logs/$k" --label "$(label_of "$v")"
     fi
@@ -453,8 +463,10 @@ notebook)
   # run kept none): keep them, and count each engine replica's batches, first run and scale-up
   # (each replica should caption about an even share of each: replica_tasks_in_flight).
   engine_logs=$(grep -l "Elapsed time for batch" /tmp/ray/session_latest/logs/worker-*.{out,err} 2>/dev/null)
+  # With each engine worker's other stream: vLLM's INFO lines (torch.compile, init engine) go to
+  # .out, Ray's batch lines to .err (2026-12-01 call 18 kept only the .err files).
   # shellcheck disable=SC2086  # a list of files
-  [ -n "$engine_logs" ] && tar czf "$L/engine_logs.tgz" $engine_logs 2>/dev/null
+  [ -n "$engine_logs" ] && tar czf "$L/engine_logs.tgz" $(for f in $engine_logs; do ls "${f%.*}".{out,err} 2>/dev/null; done | sort -u) 2>/dev/null
   for f in $engine_logs; do echo "batches $(grep -c "Elapsed time for batch" "$f") in $(basename "$f")"; done
   finish notebook ;;
 tune)
