@@ -57,7 +57,9 @@
 #                                         eighth session: "P fp8" (the machine's first start),
 #                                         "fp8 P": FP8 with the two-engine preset).
 #                                         PROFILE_RUN=k
-#                                         profiles run k (py-spy, nvidia-smi, top) mid-run
+#                                         profiles run k (py-spy, nvidia-smi, top) mid-run;
+#                                         WARMUP_DUMP_RUN=k dumps run k's engines (py-spy) during
+#                                         vLLM's kernel warm-up after the CUDA graphs
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
 # Variants are engine kwargs in JSON, merged into the preset's (a dict such as compilation_config key
 # by key: a variant names only what it changes), with bench arguments from
@@ -243,21 +245,26 @@ profile_at() {
   fi
   wait
 }
-# py-spy dumps of every engine-core process and its engine actor, every 3 s for 30 s after LOG shows
-# vLLM's first request: what the ~24 s before the vision encoder's first kernel are spent on.
-dump_after_first_request() {
-  local log=$1 d="$L/prof/$2"
-  for _ in $(seq 500); do grep -q "Passing raw prompts to InputProcessor" "$log" 2>/dev/null && break; sleep 1; done
-  grep -q "Passing raw prompts to InputProcessor" "$log" 2>/dev/null || return
+# py-spy dumps of every engine-core process and its engine actor, every ${5:-3} s, ${4:-10} times, once
+# LOG shows PATTERN: dumps_after LOG NAME PATTERN [COUNT] [INTERVAL]
+dumps_after() {
+  local log=$1 d="$L/prof/$2" pattern=$3
+  for _ in $(seq 500); do grep -q "$pattern" "$log" 2>/dev/null && break; sleep 1; done
+  grep -q "$pattern" "$log" 2>/dev/null || return
   mkdir -p "$d"
-  for k in $(seq 10); do
-    sleep 3
+  for k in $(seq "${4:-10}"); do
+    sleep "${5:-3}"
     date +%s > "$d/at-$k"
     for pid in $(engine_pids); do
       py-spy dump --pid "$pid" > "$d/dump-$k-$pid.txt" 2>&1
     done
   done
 }
+# After vLLM's first request: what the ~24 s before the vision encoder's first kernel are spent on.
+dump_after_first_request() { dumps_after "$1" "$2" "Passing raw prompts to InputProcessor"; }
+# After the CUDA graphs: vLLM's kernel warm-up, 1 s in 2 of 8 two-engine starts and 11-18 s in the
+# other 6, both engines finishing it together (2026-12-01): what the engines wait on.
+dump_after_capture() { dumps_after "$1" "$2" "Graph capturing finished" 10 2; }
 summary() {
   [ -e "$OUT/results.jsonl" ] || return 0  # the notebook step writes none
   python3 - "$OUT/results.jsonl" <<'PY'
@@ -397,6 +404,13 @@ alone)
   n=${ALONE_N:-6144}
   read -r -a who_list <<< "${ORDER:-A P A}"
   profs=()
+  # WARMUP_DUMP_RUN="k ...": py-spy dumps every 2 s for 20 s once run k's first engine has
+  # captured its CUDA graphs (dump_after_capture).
+  for wk in ${WARMUP_DUMP_RUN:-}; do
+    lab=$(label_of "${who_list[$wk]}")
+    dump_after_capture "$L/logs/$wk/pipeline-$lab-0.log" "run$wk-$lab-warmup" &
+    profs+=($!)
+  done
   for pk in ${PROFILE_RUN:-}; do
     lab=$(label_of "${who_list[$pk]}")
     profile_at "$L/logs/$pk/pipeline-$lab-0.log" "run$pk-$lab" "${PROFILE_AT_K:-3}" &
