@@ -37,7 +37,7 @@ from helpers.output import (
     write_bytes,
 )
 from helpers.pipeline import build_caption_processor, caption, processor_config, row_kwargs
-from helpers.presets import Preset, get_preset, init_ray, resolve_model
+from helpers.presets import Preset, get_preset, init_ray, local_gpu_memory_bytes, resolve_model
 from helpers.show import contact_sheet
 
 # A leading underscore keeps these out of `pyarrow.parquet.read_table(OUTPUT)`, which skips
@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--replicas-per-gpu",
         type=positive,
-        help="engine replicas on each GPU (GPU preset: 2; use 1 on a GPU under 100 GB)",
+        help="engine replicas on each GPU (GPU preset: 2 where the driver's machine has GPUs of 100 GB "
+        "or more, else 1)",
     )
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--rows-per-block", type=int, help="rows per block of the streaming repartition")
@@ -125,8 +126,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         max_tokens=args.max_tokens or preset.max_tokens,
         rows_per_block=args.rows_per_block or preset.rows_per_block,
     )
-    if args.replicas_per_gpu:
-        preset = preset.sharing_gpus(args.replicas_per_gpu)
+    # Unset: the preset's replicas per GPU where this machine's GPUs hold them, else one (as the
+    # notebook does; a driver on a CPU head node sees no GPU).
+    replicas_per_gpu = args.replicas_per_gpu or preset.replicas_per_gpu_for(local_gpu_memory_bytes())
+    if replicas_per_gpu != preset.replicas_per_gpu:
+        preset = preset.sharing_gpus(replicas_per_gpu)
+    print(f"[job] preset {preset.name}: {preset.replicas_per_gpu} engine replica(s) per GPU", flush=True)
 
     init_ray(preset)  # a Ray Job connects to its cluster; elsewhere a local one starts
     ctx = ray.data.DataContext.get_current()

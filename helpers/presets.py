@@ -11,11 +11,16 @@ needs on the workers travel in `runtime_env["env_vars"]`.
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import helpers
 from helpers.data import SAMPLE_SHARDS
+
+# The GPU memory that the GPU preset's replicas sharing one GPU need: both together peaked at 80-84
+# GiB on an H200 (141 GB), more than an 80 GB GPU holds.
+SHARED_GPU_MIN_BYTES = 100 * 10**9
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -134,6 +139,15 @@ class Preset:
             concurrency=gpus * replicas_per_gpu,
             scale_up_concurrency=scale_up_gpus * replicas_per_gpu,
         )
+
+    def replicas_per_gpu_for(self, gpu_bytes: int | None) -> int:
+        """The engine replicas per GPU that a GPU of `gpu_bytes` holds: the preset's where it has
+        `SHARED_GPU_MIN_BYTES` or more (the GPU preset's two engines peaked at 80-84 GiB together
+        on an H200), else one; one where the size is unknown (`None`: no GPU on this machine, such
+        as a cluster's CPU head node), as one always fits."""
+        if self.replicas_per_gpu > 1 and gpu_bytes is not None and gpu_bytes >= SHARED_GPU_MIN_BYTES:
+            return self.replicas_per_gpu
+        return 1
 
     def runtime_env(self) -> dict[str, Any]:
         """For `ray.init`: ship `helpers` and the preset's environment to every Ray worker."""
@@ -259,6 +273,24 @@ def merge_engine_kwargs(base: dict[str, Any], override: dict[str, Any] | None) -
         both_dicts = isinstance(merged.get(key), dict) and isinstance(value, dict)
         merged[key] = {**merged[key], **value} if both_dicts else value
     return merged
+
+
+def local_gpu_memory_bytes() -> int | None:
+    """The memory of this machine's smallest GPU, from `nvidia-smi`; None where it has none (or
+    no `nvidia-smi`). A notebook's kernel or a job's driver on a GPU node sees the GPUs its engines
+    will run on; one on a CPU head node sees none."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    mib = [int(v) for v in out.split() if v.isdigit()]
+    return min(mib) * 2**20 if mib else None
 
 
 def get_preset(smoke_test: bool) -> Preset:

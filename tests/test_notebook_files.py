@@ -83,3 +83,52 @@ def test_readme_equals_a_fresh_render(tmp_path):
     )
     fresh = (tmp_path / "README.md").read_text()
     assert (ROOT / "README.md").read_text() == fresh, "README.md is stale: run `make readme` and commit"
+
+
+def fake_nvidia_smi(folder: Path, mib: str | None) -> str:
+    """A PATH holding only a stand-in `nvidia-smi` that reports GPUs of `mib` MiB (one per line),
+    or none at all: this machine has no GPU."""
+    if mib is not None:
+        script = folder / "nvidia-smi"
+        script.write_text(f"#!/bin/sh\nprintf '{mib}\\n'\n")
+        script.chmod(0o755)
+    return str(folder)
+
+
+# The GPU preset's two engines per GPU peaked at 80-84 GiB together on an H200: on an 80 GB GPU its
+# defaults would fail at the engines' start. The parameters cell runs two per GPU only where this
+# machine's GPUs hold them, and one on a smaller GPU or where it sees no GPU (a CPU head node).
+@pytest.mark.parametrize(
+    ("mib", "replicas"),
+    [("143771", 2), ("81559", 1), ("143771\n81559", 1), ("", 1), (None, 1)],
+    ids=["H200", "H100", "mixed", "no-answer", "no-nvidia-smi"],
+)
+def test_the_parameters_cell_runs_two_engines_per_gpu_only_where_the_gpu_holds_them(
+    tmp_path, monkeypatch, mib, replicas
+):
+    from helpers.presets import get_preset
+
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, mib))
+    monkeypatch.setenv("SMOKE_TEST", "0")
+    monkeypatch.delenv("REPLICAS_PER_GPU", raising=False)
+    monkeypatch.delenv("CONCURRENCY", raising=False)
+    cell = next(c for c in cells() if "parameters" in c.get("metadata", {}).get("tags", []))
+    scope: dict = {}
+    exec("".join(cell["source"]), scope)
+    preset = scope["PRESET"]
+    assert (scope["REPLICAS_PER_GPU"], preset.replicas_per_gpu) == (replicas, replicas)
+    # One engine per GPU sizes its KV cache from the GPU; the two share a fixed one.
+    assert ("kv_cache_memory_bytes" in preset.engine_kwargs) == (replicas == 2)
+    assert scope["CONCURRENCY"] == get_preset(smoke_test=False).concurrency // 2 * replicas
+    # The offline preset runs on CPU whatever the machine holds.
+    assert get_preset(smoke_test=True).replicas_per_gpu_for(scope["GPU_BYTES"]) == 1
+
+
+def test_replicas_per_gpu_set_by_hand_win(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, "143771"))
+    monkeypatch.setenv("SMOKE_TEST", "0")
+    monkeypatch.setenv("REPLICAS_PER_GPU", "1")
+    cell = next(c for c in cells() if "parameters" in c.get("metadata", {}).get("tags", []))
+    scope: dict = {}
+    exec("".join(cell["source"]), scope)
+    assert scope["PRESET"].replicas_per_gpu == 1
