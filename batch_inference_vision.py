@@ -58,11 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=non_negative, help="caption at most this many input images (the first N)")
     p.add_argument("--model", help="HF model id or local folder ('tiny' = the local test model)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--concurrency", type=int, help="engine replicas (the GPU preset runs two per GPU)")
+    p.add_argument("--concurrency", type=int, help="engine replicas (per GPU: --replicas-per-gpu)")
     p.add_argument(
         "--replicas-per-gpu",
         type=positive,
-        help="engine replicas on each GPU (GPU preset: 2 where the driver's machine has GPUs of 100 GB "
+        help="engine replicas on each GPU (GPU preset: 2 where the driver's machine has GPUs of 100 GiB "
         "or more, else 1)",
     )
     p.add_argument("--max-tokens", type=int)
@@ -116,21 +116,27 @@ def write_contact_sheet(
     write_bytes(args.output, name, buf.getvalue())
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    t_start = time.time()
+def job_preset(args: argparse.Namespace) -> Preset:
+    """The preset with the job's settings. --replicas-per-gpu unset: the preset's replicas per GPU
+    where this machine's GPUs hold them, else one (as the notebook does; a driver on a CPU head
+    node sees no GPU)."""
     preset = get_preset(args.smoke)
-    model_name = args.model or preset.model
-    model_path = resolve_model(model_name)
     preset = dataclasses.replace(
         preset,
         max_tokens=args.max_tokens or preset.max_tokens,
         rows_per_block=args.rows_per_block or preset.rows_per_block,
     )
-    # Unset: the preset's replicas per GPU where this machine's GPUs hold them, else one (as the
-    # notebook does; a driver on a CPU head node sees no GPU).
     replicas_per_gpu = args.replicas_per_gpu or preset.replicas_per_gpu_for(local_gpu_memory_bytes())
     if replicas_per_gpu != preset.replicas_per_gpu:
         preset = preset.sharing_gpus(replicas_per_gpu)
+    return preset
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    t_start = time.time()
+    preset = job_preset(args)
+    model_name = args.model or preset.model
+    model_path = resolve_model(model_name)
     print(f"[job] preset {preset.name}: {preset.replicas_per_gpu} engine replica(s) per GPU", flush=True)
 
     init_ray(preset)  # a Ray Job connects to its cluster; elsewhere a local one starts

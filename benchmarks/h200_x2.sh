@@ -467,10 +467,12 @@ notebook)
   # The notebook reads real files: a model folder with random weights as safetensors, local shards.
   python3 .nbtools/make_random_weights.py "$MODEL_DIR" /tmp/model/rand3b > "$L/weights.log" 2>&1
   python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_vision as b; b.make_shards(__import__('pathlib').Path('/tmp/shards'), 8192)"
-  # The scale-up's pool: every GPU of this machine (two on nvidia-h200-x2, one on nvidia-h200).
+  # The scale-up's pool: every GPU of this machine (two on nvidia-h200-x2, one on nvidia-h200), the
+  # preset's replicas on each (said, though the notebook would pick the same on an H200's 141 GB).
   gpus=$(gpu_count)
-  SMOKE_TEST=0 MODEL=/tmp/model/rand3b DATASET='/tmp/shards/*.tar' NUM_IMAGES=4096 \
-    SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=$((gpus * $(replicas_per_gpu))) OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
+  per_gpu=$(replicas_per_gpu)
+  SMOKE_TEST=0 MODEL=/tmp/model/rand3b DATASET='/tmp/shards/*.tar' NUM_IMAGES=4096 REPLICAS_PER_GPU=$per_gpu \
+    SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=$((gpus * per_gpu)) OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
     timeout -s KILL "$(left)" python3 .nbtools/run_notebook_cells.py llm_batch_inference_vision.ipynb > "$L/notebook.txt" 2>&1
   grep -h "=== CELL\|NB_OK" "$L/notebook.txt" | grep -v "start t=" | tail -40
   # The engines' lines stay in Ray's worker logs (the notebook sets log_to_driver=False; the 2026-12-01

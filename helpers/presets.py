@@ -19,8 +19,8 @@ import helpers
 from helpers.data import SAMPLE_SHARDS
 
 # The GPU memory that the GPU preset's replicas sharing one GPU need: both together peaked at 80-84
-# GiB on an H200 (141 GB), more than an 80 GB GPU holds.
-SHARED_GPU_MIN_BYTES = 100 * 10**9
+# GiB on an H200 (141 GB, 140 GiB), more than an 80 GB GPU holds; 94 and 96 GB GPUs are untried.
+SHARED_GPU_MIN_BYTES = 100 * 2**30
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -43,7 +43,7 @@ class Preset:
     # replica_tasks_in_flight).
     rows_per_block: int
     batch_size: int  # rows per engine call
-    concurrency: int  # engine replicas (the GPU preset runs two per GPU: placement_group_config)
+    concurrency: int  # engine replicas (the GPU preset: two per GPU of 100 GiB, placement_group_config)
     max_tokens: int
     scale_up_images: int  # the "scale up" section's size
     scale_up_concurrency: int
@@ -107,7 +107,7 @@ class Preset:
     def sharing_gpus(self, replicas_per_gpu: int) -> Preset:
         """This GPU preset with `replicas_per_gpu` engine replicas on each GPU, on as many GPUs
         as before (`concurrency` and `scale_up_concurrency` count replicas). One per GPU: vLLM
-        sizes the KV cache itself from 90% of the GPU, as on a GPU under 100 GB. More: each
+        sizes the KV cache itself from 90% of the GPU, as on a GPU under 100 GiB. More: each
         replica gets a fixed KV cache (sized by a fraction of the GPU, engines that start together
         each count the other's memory as their own, and the last finds none left for its cache),
         the preset's share of the GPU's KV cache split between them: the GPU holds the same KV
@@ -142,8 +142,8 @@ class Preset:
 
     def replicas_per_gpu_for(self, gpu_bytes: int | None) -> int:
         """The engine replicas per GPU that a GPU of `gpu_bytes` holds: the preset's where it has
-        `SHARED_GPU_MIN_BYTES` or more (the GPU preset's two engines peaked at 80-84 GiB together
-        on an H200), else one; one where the size is unknown (`None`: no GPU on this machine, such
+        `SHARED_GPU_MIN_BYTES` (100 GiB) or more (the GPU preset's two engines peaked at 80-84 GiB
+        together on an H200), else one; one where the size is unknown (`None`: no GPU on this machine, such
         as a cluster's CPU head node), as one always fits."""
         if self.replicas_per_gpu > 1 and gpu_bytes is not None and gpu_bytes >= SHARED_GPU_MIN_BYTES:
             return self.replicas_per_gpu
@@ -205,7 +205,7 @@ PRESETS: dict[str, Preset] = {
             # instead, both engines measure their memory at once, each counts the other's as its
             # own, and the second finds none left for its cache (2026-11-30). 2,048 sequences
             # used up to 83% of 28 GiB; both engines together peaked at 84 GiB of the H200's 141.
-            # On a GPU under 100 GB run one replica per GPU (job.yaml shows how).
+            # A GPU under 100 GiB runs one replica (replicas_per_gpu_for; job.yaml shows how).
             "gpu_memory_utilization": 0.45,
             "kv_cache_memory_bytes": 28 * 2**30,
             "limit_mm_per_prompt": {"image": 1, "video": 0},
@@ -277,11 +277,12 @@ def merge_engine_kwargs(base: dict[str, Any], override: dict[str, Any] | None) -
 
 def local_gpu_memory_bytes() -> int | None:
     """The memory of this machine's smallest GPU, from `nvidia-smi`; None where it has none (or
-    no `nvidia-smi`). A notebook's kernel or a job's driver on a GPU node sees the GPUs its engines
-    will run on; one on a CPU head node sees none."""
+    no `nvidia-smi`), where a GPU doesn't say, or where one is split into MIG slices (nvidia-smi
+    reports the whole GPU). A notebook's kernel or a job's driver on a GPU node sees the GPUs its
+    engines will run on; one on a CPU head node sees none."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            ["nvidia-smi", "--query-gpu=memory.total,mig.mode.current", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -289,8 +290,10 @@ def local_gpu_memory_bytes() -> int | None:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    mib = [int(v) for v in out.split() if v.isdigit()]
-    return min(mib) * 2**20 if mib else None
+    gpus = [[v.strip() for v in line.split(",")] for line in out.splitlines() if line.strip()]
+    if not gpus or any(not g[0].isdigit() or "Enabled" in g[1:] for g in gpus):
+        return None
+    return min(int(g[0]) for g in gpus) * 2**20
 
 
 def get_preset(smoke_test: bool) -> Preset:

@@ -138,3 +138,14 @@ def first_sample_ids(n: int) -> list[str]:
         with tarfile.open(shard) as tar:
             ids += list(dict.fromkeys(m.name.split(".")[0] for m in tar.getmembers()))
     return ids[:n]
+
+
+def gpus_reporting(folder, gpus: str | None) -> str:
+    """A PATH holding only a stand-in `nvidia-smi` that answers `gpus` (a line per GPU, as
+    `--query-gpu=memory.total,mig.mode.current --format=csv,noheader,nounits` does), or none at
+    all (None): this machine has no GPU."""
+    if gpus is not None:
+        script = Path(folder) / "nvidia-smi"
+        script.write_text(f"#!/bin/sh\nprintf '{gpus}\\n'\n")
+        script.chmod(0o755)
+    return str(folder)

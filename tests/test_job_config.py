@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 from anyscale.job.models import JobConfig
+from conftest import gpus_reporting
 
-from batch_inference_vision import parse_args
+from batch_inference_vision import job_preset, parse_args
 from helpers.presets import get_preset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,3 +37,26 @@ def test_the_schema_check_catches_a_mistake():
     )
     with pytest.raises(TypeError, match="min_node"):
         JobConfig.from_dict(data)
+
+
+# The job picks engine replicas per GPU as the notebook does (tests/test_notebook_files.py): the
+# preset's two only where the driver's machine has GPUs of 100 GiB, unless --replicas-per-gpu says.
+@pytest.mark.parametrize(
+    ("gpus", "options", "replicas"),
+    [
+        ("143771, Disabled", [], 2),
+        ("81559, Disabled", [], 1),
+        (None, [], 1),  # a driver on a CPU head node
+        (None, ["--replicas-per-gpu", "2"], 2),
+        ("143771, Disabled", ["--replicas-per-gpu", "1"], 1),
+        ("143771, Disabled", ["--smoke"], 1),
+    ],
+    ids=["H200", "H100", "no-gpu", "no-gpu-told-2", "H200-told-1", "offline"],
+)
+def test_the_job_runs_two_engines_per_gpu_only_where_the_gpu_holds_them(
+    tmp_path, monkeypatch, gpus, options, replicas
+):
+    monkeypatch.setenv("PATH", gpus_reporting(tmp_path, gpus))
+    preset = job_preset(parse_args(["--output", str(tmp_path / "out"), *options]))
+    assert preset.replicas_per_gpu == replicas
+    assert ("kv_cache_memory_bytes" in preset.engine_kwargs) == (replicas == 2)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import gpus_reporting
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "llm_batch_inference_vision.ipynb"
@@ -85,50 +86,50 @@ def test_readme_equals_a_fresh_render(tmp_path):
     assert (ROOT / "README.md").read_text() == fresh, "README.md is stale: run `make readme` and commit"
 
 
-def fake_nvidia_smi(folder: Path, mib: str | None) -> str:
-    """A PATH holding only a stand-in `nvidia-smi` that reports GPUs of `mib` MiB (one per line),
-    or none at all: this machine has no GPU."""
-    if mib is not None:
-        script = folder / "nvidia-smi"
-        script.write_text(f"#!/bin/sh\nprintf '{mib}\\n'\n")
-        script.chmod(0o755)
-    return str(folder)
-
-
 # The GPU preset's two engines per GPU peaked at 80-84 GiB together on an H200: on an 80 GB GPU its
 # defaults would fail at the engines' start. The parameters cell runs two per GPU only where this
-# machine's GPUs hold them, and one on a smaller GPU or where it sees no GPU (a CPU head node).
+# machine's GPUs hold them, and one on a smaller GPU, a MIG slice, or where it sees no GPU (a CPU
+# head node). nvidia-smi is a stand-in (conftest.gpus_reporting): this machine has no GPU.
 @pytest.mark.parametrize(
-    ("mib", "replicas"),
-    [("143771", 2), ("81559", 1), ("143771\n81559", 1), ("", 1), (None, 1)],
-    ids=["H200", "H100", "mixed", "no-answer", "no-nvidia-smi"],
+    ("smoke", "gpus", "replicas"),
+    [
+        ("0", "143771, Disabled", 2),
+        ("0", "81559, Disabled", 1),
+        ("0", "97871, [N/A]", 1),
+        ("0", "143771, Disabled\n81559, Disabled", 1),
+        ("0", "143771, Enabled", 1),
+        ("0", "143771, Disabled\n[N/A], [N/A]", 1),
+        ("0", "", 1),
+        ("0", None, 1),
+        ("1", "143771, Disabled", 1),
+    ],
+    ids=["H200", "H100", "GH200", "mixed", "MIG", "unknown", "no-answer", "no-nvidia-smi", "offline"],
 )
 def test_the_parameters_cell_runs_two_engines_per_gpu_only_where_the_gpu_holds_them(
-    tmp_path, monkeypatch, mib, replicas
+    tmp_path, monkeypatch, smoke, gpus, replicas
 ):
-    from helpers.presets import get_preset
-
-    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, mib))
-    monkeypatch.setenv("SMOKE_TEST", "0")
+    monkeypatch.setenv("PATH", gpus_reporting(tmp_path, gpus))
+    monkeypatch.setenv("SMOKE_TEST", smoke)
     monkeypatch.delenv("REPLICAS_PER_GPU", raising=False)
     monkeypatch.delenv("CONCURRENCY", raising=False)
-    cell = next(c for c in cells() if "parameters" in c.get("metadata", {}).get("tags", []))
-    scope: dict = {}
-    exec("".join(cell["source"]), scope)
+    scope = run_parameters_cell()
     preset = scope["PRESET"]
     assert (scope["REPLICAS_PER_GPU"], preset.replicas_per_gpu) == (replicas, replicas)
     # One engine per GPU sizes its KV cache from the GPU; the two share a fixed one.
     assert ("kv_cache_memory_bytes" in preset.engine_kwargs) == (replicas == 2)
-    assert scope["CONCURRENCY"] == get_preset(smoke_test=False).concurrency // 2 * replicas
-    # The offline preset runs on CPU whatever the machine holds.
-    assert get_preset(smoke_test=True).replicas_per_gpu_for(scope["GPU_BYTES"]) == 1
+    if smoke == "0":  # the same GPUs either way: the first run on one
+        assert scope["CONCURRENCY"] == replicas
 
 
 def test_replicas_per_gpu_set_by_hand_win(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, "143771"))
+    monkeypatch.setenv("PATH", gpus_reporting(tmp_path, "143771, Disabled"))
     monkeypatch.setenv("SMOKE_TEST", "0")
     monkeypatch.setenv("REPLICAS_PER_GPU", "1")
+    assert run_parameters_cell()["PRESET"].replicas_per_gpu == 1
+
+
+def run_parameters_cell() -> dict:
     cell = next(c for c in cells() if "parameters" in c.get("metadata", {}).get("tags", []))
     scope: dict = {}
     exec("".join(cell["source"]), scope)
-    assert scope["PRESET"].replicas_per_gpu == 1
+    return scope
