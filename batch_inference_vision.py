@@ -137,7 +137,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     preset = job_preset(args)
     model_name = args.model or preset.model
     model_path = resolve_model(model_name)
-    print(f"[job] preset {preset.name}: {preset.replicas_per_gpu} engine replica(s) per GPU", flush=True)
+    on_gpu = (preset.placement_group_config or {}).get("bundle_per_worker", {}).get("GPU")
+    where = f"{preset.replicas_per_gpu} engine replica(s) per GPU" if on_gpu else "engines on CPU"
+    print(f"[job] preset {preset.name}: {where}", flush=True)
 
     init_ray(preset)  # a Ray Job connects to its cluster; elsewhere a local one starts
     ctx = ray.data.DataContext.get_current()

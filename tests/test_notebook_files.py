@@ -95,7 +95,8 @@ def test_readme_equals_a_fresh_render(tmp_path):
     [
         ("0", "143771, Disabled", 2),
         ("0", "81559, Disabled", 1),
-        ("0", "97871, [N/A]", 1),
+        ("0", "143771, [N/A]", 2),
+        ("0", "97871, Disabled", 1),
         ("0", "143771, Disabled\n81559, Disabled", 1),
         ("0", "143771, Enabled", 1),
         ("0", "143771, Disabled\n[N/A], [N/A]", 1),
@@ -103,7 +104,18 @@ def test_readme_equals_a_fresh_render(tmp_path):
         ("0", None, 1),
         ("1", "143771, Disabled", 1),
     ],
-    ids=["H200", "H100", "GH200", "mixed", "MIG", "unknown", "no-answer", "no-nvidia-smi", "offline"],
+    ids=[
+        "H200",
+        "H100",
+        "no-mig-support",
+        "96GB",
+        "mixed",
+        "MIG",
+        "unknown",
+        "no-answer",
+        "no-nvidia-smi",
+        "offline",
+    ],
 )
 def test_the_parameters_cell_runs_two_engines_per_gpu_only_where_the_gpu_holds_them(
     tmp_path, monkeypatch, smoke, gpus, replicas
