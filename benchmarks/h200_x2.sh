@@ -262,8 +262,8 @@ dumps_after() {
 }
 # After vLLM's first request: what the ~24 s before the vision encoder's first kernel are spent on.
 dump_after_first_request() { dumps_after "$1" "$2" "Passing raw prompts to InputProcessor"; }
-# After the CUDA graphs: vLLM's kernel warm-up, 1 s in 2 of 8 two-engine starts and 11-18 s in the
-# other 6, both engines finishing it together (2026-12-01): what the engines wait on.
+# After the CUDA graphs: vLLM's kernel warm-up, about 1 s in 6 of 18 starts (one or two engines per GPU)
+# and 11-18 s in the other 12, two engines finishing it together (2026-12-01): what they wait on.
 dump_after_capture() { dumps_after "$1" "$2" "Graph capturing finished" 10 2; }
 summary() {
   [ -e "$OUT/results.jsonl" ] || return 0  # the notebook step writes none
