@@ -137,8 +137,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     preset = job_preset(args)
     model_name = args.model or preset.model
     model_path = resolve_model(model_name)
-    on_gpu = (preset.placement_group_config or {}).get("bundle_per_worker", {}).get("GPU")
-    where = f"{preset.replicas_per_gpu} engine replica(s) per GPU" if on_gpu else "engines on CPU"
+    where = f"{preset.replicas_per_gpu} engine replica(s) per GPU" if preset.gpu_share else "engines on CPU"
     print(f"[job] preset {preset.name}: {where}", flush=True)
 
     init_ray(preset)  # a Ray Job connects to its cluster; elsewhere a local one starts

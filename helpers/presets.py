@@ -97,12 +97,19 @@ class Preset:
         return max(1, tasks)
 
     @property
+    def gpu_share(self) -> float:
+        """Each engine replica's share of a GPU: placement_group_config's bundle's, a whole GPU where
+        there is no placement_group_config (Ray Data LLM's default), 0 where the bundle names no
+        GPU (the offline preset, on CPU)."""
+        if self.placement_group_config is None:
+            return 1
+        return self.placement_group_config.get("bundle_per_worker", {}).get("GPU") or 0
+
+    @property
     def replicas_per_gpu(self) -> int:
-        """Engine replicas that share one GPU: 1 / the GPU share of placement_group_config's
-        bundle (1 where it names no GPU or there is none: one GPU per replica)."""
-        bundle = (self.placement_group_config or {}).get("bundle_per_worker", {})
-        share = bundle.get("GPU") or 1
-        return max(1, round(1 / share))
+        """Engine replicas that share one GPU: 1 / gpu_share (1 on CPU: one GPU per replica where
+        the preset runs on a GPU at all)."""
+        return max(1, round(1 / (self.gpu_share or 1)))
 
     def sharing_gpus(self, replicas_per_gpu: int) -> Preset:
         """This GPU preset with `replicas_per_gpu` engine replicas on each GPU, on as many GPUs
@@ -143,8 +150,8 @@ class Preset:
     def replicas_per_gpu_for(self, gpu_bytes: int | None) -> int:
         """The engine replicas per GPU that a GPU of `gpu_bytes` holds: the preset's where it has
         `SHARED_GPU_MIN_BYTES` (100 GiB) or more (the GPU preset's two engines peaked at 80-84 GiB
-        together on an H200), else one; one where the size is unknown (`None`: no GPU on this machine, such
-        as a cluster's CPU head node), as one always fits."""
+        together on an H200), else one; one where the size is unknown (`None`: no GPU on this
+        machine, such as a cluster's CPU head node), as one always fits."""
         if self.replicas_per_gpu > 1 and gpu_bytes is not None and gpu_bytes >= SHARED_GPU_MIN_BYTES:
             return self.replicas_per_gpu
         return 1
