@@ -55,11 +55,17 @@
 #                                         then "P P" (the machine's first start) and "P two16k":
 #                                         the preset's steady median of 4 runs, its start-ups;
 #                                         eighth session: "P fp8" (the machine's first start),
-#                                         "fp8 P": FP8 with the two-engine preset).
+#                                         "fp8 P": FP8 with the two-engine preset; ninth:
+#                                         ALONE_N=1024 "P original" (the machine's first start:
+#                                         both compile caches warmed), then ALONE_N=10000
+#                                         "original P" (the P run cut: the pair needs more than
+#                                         a call's 600 s) and "P P", back to back: the
+#                                         10,000-image ratio on one H200, 2.05).
 #                                         PROFILE_RUN=k
 #                                         profiles run k (py-spy, nvidia-smi, top) mid-run;
 #                                         WARMUP_DUMP_RUN=k dumps run k's engines (py-spy) during
-#                                         vLLM's kernel warm-up after the CUDA graphs
+#                                         vLLM's kernel warm-up after the CUDA graphs (DUMP_NATIVE=1:
+#                                         with their C frames too)
 #   earlier steps: tune (the preset beside 1,024 seqs), yardstick (AsyncLLM alone beside ours)
 # Variants are engine kwargs in JSON, merged into the preset's (a dict such as compilation_config key
 # by key: a variant names only what it changes), with bench arguments from
@@ -255,15 +261,19 @@ dumps_after() {
   for k in $(seq "${4:-10}"); do
     sleep "${5:-3}"
     date +%s > "$d/at-$k"
+    nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader > "$d/gpu-$k.csv" 2>&1
     for pid in $(engine_pids); do
       py-spy dump --pid "$pid" > "$d/dump-$k-$pid.txt" 2>&1
+      # DUMP_NATIVE=1: also the C frames (a wait inside CUDA, Triton or a lock shows only there)
+      [ "${DUMP_NATIVE:-0}" = 1 ] && py-spy dump --native --pid "$pid" > "$d/native-$k-$pid.txt" 2>&1
     done
   done
 }
 # After vLLM's first request: what the ~24 s before the vision encoder's first kernel are spent on.
 dump_after_first_request() { dumps_after "$1" "$2" "Passing raw prompts to InputProcessor"; }
 # After the CUDA graphs: vLLM's kernel warm-up, about 1 s in 6 of 18 starts (one or two engines per GPU)
-# and 11-18 s in the other 12, two engines finishing it together (2026-12-01): what they wait on.
+# and 11-18 s in the other 12, two engines finishing it together (2026-12-01; the ninth session's three
+# warm starts, dumped, all took about 1 s): what they wait on.
 dump_after_capture() { dumps_after "$1" "$2" "Graph capturing finished" 10 2; }
 summary() {
   [ -e "$OUT/results.jsonl" ] || return 0  # the notebook step writes none
