@@ -251,8 +251,9 @@ profile_at() {
   fi
   wait
 }
-# py-spy dumps of every engine-core process and its engine actor, every ${5:-3} s, ${4:-10} times, once
-# LOG shows PATTERN: dumps_after LOG NAME PATTERN [COUNT] [INTERVAL]
+# py-spy dumps of every engine-core process and its engine actor, ${4:-10} times, ${5:-3} s apart plus the
+# dumps' own time (with DUMP_NATIVE=1 and four processes a round took 4-5 s), once LOG shows
+# PATTERN: dumps_after LOG NAME PATTERN [COUNT] [INTERVAL]
 dumps_after() {
   local log=$1 d="$L/prof/$2" pattern=$3
   for _ in $(seq 500); do grep -q "$pattern" "$log" 2>/dev/null && break; sleep 1; done
