@@ -6,8 +6,11 @@
 
 Output: Parquet files directly under --output (one row per input image: id, caption, error,
 num_input_tokens, num_generated_tokens, model), plus _summary.json and, optionally,
-_contact_sheet.png. Bad images become error rows; nothing is dropped. Rerunning with the same
---output skips the ids already written, so a crashed or preempted job resumes where it stopped.
+_contact_sheet.png. Bad images become error rows; nothing is dropped. A folder input yields a row
+for every regular file under it, whatever its name (`_DSC0001.JPG` too); hidden files such as
+.DS_Store are skipped and counted in the summary (files_found, skipped_files, rows_in). Rerunning
+with the same --output skips the ids already written, so a crashed or preempted job resumes where
+it stopped.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import pyarrow.compute as pc
 import ray
 
 from helpers.cli import non_negative, positive
-from helpers.data import read_images
+from helpers.data import FileListing, list_input, read_images
 from helpers.output import (
     AtomicParquetDatasink,
     dedupe_output,
@@ -95,15 +98,35 @@ class SkipDone:
         return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=self.done_ids)))
 
 
-def open_input(args: argparse.Namespace, preset: Preset) -> ray.data.Dataset:
-    return read_images(args.input or preset.dataset, image_column=args.image_column, id_column=args.id_column)
+def open_input(
+    args: argparse.Namespace, preset: Preset, listing: FileListing | None = None
+) -> ray.data.Dataset:
+    return read_images(
+        args.input or preset.dataset,
+        image_column=args.image_column,
+        id_column=args.id_column,
+        listing=listing,
+    )
+
+
+def describe_input(listing: FileListing | None) -> dict[str, Any]:
+    """What went in, for the summary: for a local folder, the regular files found under it and
+    those skipped on purpose, by reason (rows in = files found - files skipped)."""
+    if listing is None:
+        return {"files_found": None, "skipped_files": {}}
+    return {"files_found": listing.files_found, "skipped_files": listing.skipped_counts()}
 
 
 def write_contact_sheet(
-    args: argparse.Namespace, preset: Preset, output: pa.Table, name: str, title: str = ""
+    args: argparse.Namespace,
+    preset: Preset,
+    output: pa.Table,
+    name: str,
+    title: str = "",
+    listing: FileListing | None = None,
 ) -> None:
     """The first images of the input with their captions (or errors), as one PNG."""
-    first = open_input(args, preset).limit(args.contact_sheet_size).take_all()
+    first = open_input(args, preset, listing).limit(args.contact_sheet_size).take_all()
     text_by_id = {
         i: c if c is not None else f"[error] {e}"
         for i, c, e in zip(*(output.column(n).to_pylist() for n in ("id", "caption", "error")), strict=True)
@@ -154,7 +177,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
 
-    ds = open_input(args, preset)
+    listing = list_input(args.input or preset.dataset)
+    rows_in = None
+    if listing is not None:
+        rows_in = len(listing.files) if args.limit is None else min(args.limit, len(listing.files))
+        skipped = ", ".join(f"{n} {reason}" for reason, n in listing.skipped_counts().items())
+        print(
+            f"[job] {listing.files_found} files found under {listing.root}; {len(listing.files)} to read"
+            + (f", skipped: {skipped}" if skipped else ""),
+            flush=True,
+        )
+    ds = open_input(args, preset, listing)
     if args.limit is not None:
         ds = ds.limit(args.limit)
     if len(done_ids):
@@ -203,6 +236,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     summary.update(
         {
             "rows_skipped_already_done": len(done_ids),
+            "rows_in": rows_in,
+            **describe_input(listing),
             "rows_written_this_run": written,
             "repeated_rows_removed": repeats,
             "images_per_s": round(written / run_s, 3) if run_s else None,
@@ -217,13 +252,26 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.contact_sheet if args.contact_sheet is not None else args.smoke:
         title = "Tiny random-weight test model: these captions are meaningless." if args.smoke else ""
-        write_contact_sheet(args, preset, output, CONTACT_SHEET_NAME, title=title)
+        write_contact_sheet(args, preset, output, CONTACT_SHEET_NAME, title=title, listing=listing)
         summary["contact_sheet"] = f"{args.output}/{CONTACT_SHEET_NAME}"
     write_bytes(args.output, SUMMARY_NAME, (json.dumps(summary, indent=2) + "\n").encode())
     print("[job] summary:\n" + json.dumps(summary, indent=2), flush=True)
+    if rows_in is not None and rows_in != summary["rows_in_output"]:
+        print(
+            f"[job] WARNING: {rows_in} input files to caption, but {summary['rows_in_output']} rows "
+            f"in {args.output}",
+            file=sys.stderr,
+            flush=True,
+        )
     return summary
 
 
+def complete(summary: dict[str, Any]) -> bool:
+    """Every id once, and no input file without its row."""
+    rows_in = summary["rows_in"]
+    missing = rows_in is not None and summary["rows_in_output"] < rows_in
+    return summary["unique_ids"] == summary["rows_in_output"] and not missing
+
+
 if __name__ == "__main__":
-    summary = main(parse_args())
-    sys.exit(0 if summary["unique_ids"] == summary["rows_in_output"] else 1)
+    sys.exit(0 if complete(main(parse_args())) else 1)

@@ -3,12 +3,20 @@
 Images stay encoded until preprocess, so a corrupt file becomes an error row there instead of
 failing a read task. Ids are stable across runs (the WebDataset key, the path relative to the
 input folder, or a key column), which is what resuming an interrupted job relies on.
+
+Local folders are listed here, not by Ray: Ray's directory listing skips names that start with
+`_` or `.` (meant for `_SUCCESS` files), and cameras name photos `_DSC0001.JPG`. `list_files`
+returns every regular file, and each file it leaves out on purpose with its reason, so a caller
+can check that rows in = files found - files skipped.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import stat
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +24,82 @@ import ray
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 SAMPLE_SHARDS = str(Path(__file__).resolve().parent.parent / "data" / "sample_shards")
+
+SKIP_HIDDEN = "hidden (name starts with '.')"
+SKIP_BROKEN_LINK = "broken symbolic link"
+SKIP_NOT_REGULAR = "not a regular file (pipe, socket or device)"
+SKIP_NOT_DATA = "not a data file of the folder's format"
+SKIP_UNREADABLE_FOLDER = "folder can't be listed"
+
+
+@dataclass
+class FileListing:
+    """The files of a local input: those to read, and those skipped on purpose with the reason.
+
+    `skipped` maps a reason to relative paths; a folder that can't be listed counts as one entry.
+    A folder reached again through a symbolic link (a loop) is not walked twice.
+    """
+
+    root: str
+    files: list[str] = field(default_factory=list)  # absolute paths, sorted
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def files_found(self) -> int:
+        return len(self.files) + sum(len(v) for v in self.skipped.values())
+
+    def skip(self, reason: str, path: str) -> None:
+        self.skipped.setdefault(reason, []).append(relative_id(path, self.root))
+
+    def skipped_counts(self) -> dict[str, int]:
+        return dict(Counter({r: len(p) for r, p in self.skipped.items()}).most_common())
+
+
+def relative_id(path: str, root: str) -> str:
+    """The path relative to root as a valid string: bytes that aren't UTF-8 appear escaped."""
+    rel = os.path.relpath(path, root)
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def list_files(root: str) -> FileListing:
+    """Every regular file under root, recursively, following symbolic links.
+
+    Hidden files (and everything under hidden folders) are skipped and counted, as are broken
+    links, pipes, sockets and devices. Walks iteratively, so any depth of tree is fine.
+    """
+    listing = FileListing(root=os.path.abspath(root))
+    seen_dirs: set[tuple[int, int]] = set()
+    stack = [(listing.root, False)]
+    while stack:
+        folder, hidden = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(folder))
+        except OSError:
+            listing.skip(SKIP_UNREADABLE_FOLDER, folder)
+            continue
+        for entry in entries:
+            is_hidden = hidden or entry.name.startswith(".")
+            try:
+                mode = os.stat(entry.path).st_mode  # follows links
+            except OSError:
+                listing.skip(SKIP_BROKEN_LINK, entry.path)
+                continue
+            if stat.S_ISDIR(mode):
+                stack.append((entry.path, is_hidden))
+            elif is_hidden:
+                listing.skip(SKIP_HIDDEN, entry.path)
+            elif stat.S_ISREG(mode):
+                listing.files.append(entry.path)
+            else:
+                listing.skip(SKIP_NOT_REGULAR, entry.path)
+    listing.files.sort()
+    for paths in listing.skipped.values():
+        paths.sort()
+    return listing
 
 
 def webdataset_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -25,8 +109,18 @@ def webdataset_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def file_row(row: dict[str, Any], *, root: str) -> dict[str, Any]:
-    """A `read_binary_files` row -> `{"id", "image_bytes"}`, with the path relative to root."""
-    return {"id": os.path.relpath(row["path"], root), "image_bytes": row["bytes"]}
+    """A file path -> `{"id", "image_bytes", "read_error"}`, with the path relative to root.
+
+    A file that can't be read (gone since it was listed, no permission) keeps its row, with the
+    reason in `read_error`: preprocess turns it into an error row.
+    """
+    path = os.fsdecode(row["path"])
+    try:
+        with open(path, "rb") as f:
+            data, error = f.read(), None
+    except OSError as e:
+        data, error = None, f"unreadable file: {e.strerror or type(e).__name__}"
+    return {"id": relative_id(path, root), "image_bytes": data, "read_error": error}
 
 
 def parquet_row(row: dict[str, Any], *, image_column: str, id_column: str) -> dict[str, Any]:
@@ -61,11 +155,15 @@ def read_webdataset_images(paths: str | list[str], filesystem=None, **read_kwarg
     return ds.map(webdataset_row)
 
 
-def read_image_folder(folder: str, **read_kwargs) -> ray.data.Dataset:
-    """Read every file under folder (recursively, any extension): non-images become error rows."""
-    root = os.path.abspath(folder)
-    ds = ray.data.read_binary_files(root, include_paths=True, **read_kwargs)
-    return ds.map(file_row, fn_kwargs={"root": root})
+def read_image_folder(folder: str, listing: FileListing | None = None, **read_kwargs) -> ray.data.Dataset:
+    """One row per regular file under folder (recursively, any extension or name): files that
+    aren't images, or can't be read, become error rows further on. Pass the folder's listing to
+    read exactly the files it holds."""
+    listing = listing or list_files(folder)
+    # Paths as bytes: a file name need not be valid UTF-8, and Arrow strings must be.
+    paths = [{"path": os.fsencode(p)} for p in listing.files]
+    ds = ray.data.from_items(paths, **read_kwargs)
+    return ds.map(file_row, fn_kwargs={"root": listing.root})
 
 
 def read_parquet_images(
@@ -76,18 +174,63 @@ def read_parquet_images(
     return ds.map(parquet_row, fn_kwargs={"image_column": image_column, "id_column": id_column})
 
 
+def folder_format(listing: FileListing) -> str:
+    """ "parquet" or "tar" when the folder's files are all of that format, else "images".
+
+    Side files named with a leading `_` (Parquet writers' `_SUCCESS` and `_metadata`) don't count.
+    """
+    for suffix in ("parquet", "tar"):
+        data = [p for p in listing.files if p.endswith(f".{suffix}")]
+        side = [p for p in listing.files if not p.endswith(f".{suffix}")]
+        if data and all(os.path.basename(p).startswith("_") for p in side):
+            return suffix
+    return "images"
+
+
+def list_input(source: str) -> FileListing | None:
+    """The listing of a local folder input, with the files its reader will read; None for other
+    inputs (a glob, a file, a remote path or a dataset id: what they name is read as given).
+
+    For a folder of Parquet files or shards, the other files (`_SUCCESS`, say) are skipped."""
+    local = os.path.expanduser(source)
+    if "://" in source or glob.has_magic(local) or not os.path.isdir(local):
+        return None
+    listing = list_files(local)
+    fmt = folder_format(listing)
+    if fmt != "images":
+        data = [p for p in listing.files if p.endswith(f".{fmt}")]
+        for p in sorted(set(listing.files) - set(data)):
+            listing.skip(SKIP_NOT_DATA, p)
+        listing.files = data
+    return listing
+
+
 def read_images(
-    source: str, image_column: str = "image", id_column: str = "id", **read_kwargs
+    source: str,
+    image_column: str = "image",
+    id_column: str = "id",
+    listing: FileListing | None = None,
+    **read_kwargs,
 ) -> ray.data.Dataset:
-    """Open any supported input as `{"id", "image_bytes"}` rows.
+    """Open any supported input as `{"id", "image_bytes"}` rows (a folder's rows add `read_error`).
 
     - a Hugging Face dataset id (`owner/name`) of WebDataset shards, e.g. the BLIP3o shards
     - WebDataset shards: a `.tar` path or glob, local or remote (`s3://...`)
     - Parquet: a `.parquet` path or glob, or a folder of them, with image_column and id_column
-    - a local folder of image files, read recursively
+    - a local folder of image files, read recursively: every regular file but hidden ones
+
+    For a folder, pass `list_input(source)` as listing to read exactly the files it counted.
     """
     columns = {"image_column": image_column, "id_column": id_column}
     local = os.path.expanduser(source)
+    listing = listing or list_input(source)
+    if listing is not None:
+        fmt = folder_format(listing)
+        if fmt == "parquet":
+            return read_parquet_images(listing.files, **columns, **read_kwargs)
+        if fmt == "tar":
+            return read_webdataset_images(listing.files, **read_kwargs)
+        return read_image_folder(local, listing=listing, **read_kwargs)
     if "://" not in source and glob.has_magic(local):
         matches = sorted(glob.glob(local, recursive=True))
         if not matches:
@@ -101,13 +244,6 @@ def read_images(
         return read_webdataset_images(source, **read_kwargs)
     if source.endswith(".parquet"):
         return read_parquet_images(source, **columns, **read_kwargs)
-    if os.path.isdir(local):
-        names = os.listdir(local)
-        if names and all(n.endswith(".parquet") for n in names):
-            return read_parquet_images(local, **columns, **read_kwargs)
-        if names and all(n.endswith(".tar") for n in names):
-            return read_webdataset_images(local, **read_kwargs)
-        return read_image_folder(local, **read_kwargs)
     if "://" not in source and source.count("/") == 1 and not os.path.exists(local):
         paths, fs = hf_dataset_shards(source)
         return read_webdataset_images(paths, filesystem=fs, **read_kwargs)

@@ -98,11 +98,12 @@ def preprocess(
     final_only: bool = True,
     detokenize: bool = True,
 ) -> dict[str, Any]:
-    """Turn an `{"id", "image_bytes"}` row into a chat request for the engine.
+    """Turn an `{"id", "image_bytes", "read_error"}` row into a chat request for the engine.
 
     The image is resized to image_size x image_size (bicubic) so every request costs the same
-    number of vision tokens. An undecodable image becomes a one-token placeholder request
-    that carries its reason in `decode_error`. `ignore_eos` (benchmarks only) makes every
+    number of vision tokens. An undecodable image, or a file the reader couldn't read
+    (`read_error`), becomes a one-token placeholder request that carries its reason in
+    `decode_error`. `ignore_eos` (benchmarks only) makes every
     request generate exactly max_tokens.
 
     `final_only` asks the engine for the finished caption only. Ray Data LLM otherwise gets a
@@ -111,6 +112,8 @@ def preprocess(
     LLM's own detokenize stage: set it only when that stage is enabled.
     """
     try:
+        if row.get("read_error"):
+            raise ImageDecodeError(row["read_error"])
         image = decode_image(row.get("image_bytes"), max_pixels=max_pixels)
         image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
         decode_error = None

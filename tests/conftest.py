@@ -79,15 +79,35 @@ def bad_and_odd_images() -> dict[str, bytes]:
     return {"good": good, "bad": bad}
 
 
+# What write_mixed_folder leaves for the readers to skip on purpose, by reason (helpers.data).
+MIXED_FOLDER_SKIPS = {
+    "hidden (name starts with '.')": 2,  # .DS_Store and .thumbnails/rgb.jpg
+    "broken symbolic link": 1,
+    "not a regular file (pipe, socket or device)": 1,
+}
+
+
 def write_mixed_folder(root) -> dict[str, bytes]:
-    """A folder tree of good, odd and broken images plus a text file: relative path -> bytes."""
-    files = {
-        f"{kind}/{name}": data for kind, items in bad_and_odd_images().items() for name, data in items.items()
-    }
+    """A folder tree of good, odd and broken images plus a text file, and what a real photo folder
+    holds: a camera's `_DSC0001.JPG` (Ray's own listing skips names starting with `_`), names with
+    spaces and non-ASCII letters, a deep tree, a link to a file. Returns relative path -> bytes of
+    every file that must become a row; the rest is in MIXED_FOLDER_SKIPS."""
+    images = bad_and_odd_images()
+    files = {f"{kind}/{name}": data for kind, items in images.items() for name, data in items.items()}
     files["notes/README.txt"] = b"not an image"
+    files["_DSC0001.JPG"] = images["good"]["rgb.jpg"]
+    files["photos 2026/Zürich café.png"] = images["good"]["rgba.png"]
+    files["/".join(["nested"] * 40) + "/deep.webp"] = images["good"]["webp.webp"]
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
+    (root / "link.jpg").symlink_to(root / "good" / "rgb.jpg")
+    files["link.jpg"] = images["good"]["rgb.jpg"]
+    (root / ".DS_Store").write_bytes(b"Bud1")
+    (root / ".thumbnails").mkdir()
+    (root / ".thumbnails" / "rgb.jpg").write_bytes(images["good"]["rgb.jpg"])
+    (root / "moved.jpg").symlink_to(root / "gone.jpg")
+    os.mkfifo(root / "notes" / "pipe")
     return files
 
 

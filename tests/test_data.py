@@ -12,10 +12,10 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import bad_and_odd_images, write_mixed_folder
+from conftest import MIXED_FOLDER_SKIPS, bad_and_odd_images, write_mixed_folder
 
-from helpers.data import SAMPLE_SHARDS, read_images, read_webdataset_images
-from helpers.rows import decode_image
+from helpers.data import SAMPLE_SHARDS, SKIP_NOT_DATA, list_input, read_images, read_webdataset_images
+from helpers.rows import decode_image, preprocess
 from helpers.samples import IMAGES_PER_SHARD, NUM_SHARDS, write_sample_shards
 
 
@@ -51,9 +51,51 @@ def test_webdataset_through_an_fsspec_filesystem(ray_local):
 
 def test_image_folder_is_read_recursively_with_relative_ids(ray_local, tmp_path):
     files = write_mixed_folder(tmp_path)
+    listing = list_input(str(tmp_path))
+    # Every regular file is a row or a counted skip; `_DSC0001.JPG` is read, not skipped.
+    assert listing.skipped_counts() == MIXED_FOLDER_SKIPS
+    assert listing.files_found == len(files) + sum(MIXED_FOLDER_SKIPS.values())
     rows = read_images(str(tmp_path)).take_all()
     assert sorted(r["id"] for r in rows) == sorted(files)
-    assert all(r["image_bytes"] == files[r["id"]] for r in rows)
+    assert all(r["image_bytes"] == files[r["id"]] and r["read_error"] is None for r in rows)
+
+
+def test_a_file_gone_after_listing_becomes_an_error_row(ray_local, tmp_path):
+    files = write_mixed_folder(tmp_path)
+    listing = list_input(str(tmp_path))
+    (tmp_path / "_DSC0001.JPG").unlink()  # a file that changes while the job runs
+    rows = {r["id"]: r for r in read_images(str(tmp_path), listing=listing).take_all()}
+    assert sorted(rows) == sorted(files)
+    assert rows["_DSC0001.JPG"]["image_bytes"] is None
+    assert rows["_DSC0001.JPG"]["read_error"] == "unreadable file: No such file or directory"
+    request = preprocess(rows["_DSC0001.JPG"], final_only=False)
+    assert request["decode_error"] == "unreadable file: No such file or directory"
+
+
+def test_a_file_name_that_is_not_utf8_keeps_its_row(ray_local, tmp_path):
+    name = os.fsencode(str(tmp_path)) + b"/IMG_\xff\xfe.jpg"
+    with open(name, "wb") as f:
+        f.write(bad_and_odd_images()["good"]["rgb.jpg"])
+    (row,) = read_images(str(tmp_path)).take_all()
+    assert row["id"] == "IMG_\\xff\\xfe.jpg" and decode_image(row["image_bytes"]).size == (64, 48)
+
+
+def test_shard_and_parquet_folders_read_underscore_names_and_count_the_rest(ray_local, tmp_path):
+    for shard in glob.glob(f"{SAMPLE_SHARDS}/*.tar"):
+        name = Path(shard).name
+        (tmp_path / "shards").mkdir(exist_ok=True)
+        (tmp_path / "shards" / ("_" + name if name.endswith("0.tar") else name)).write_bytes(
+            Path(shard).read_bytes()
+        )
+    (tmp_path / "shards" / ".DS_Store").write_bytes(b"Bud1")
+    assert read_images(str(tmp_path / "shards")).count() == NUM_SHARDS * IMAGES_PER_SHARD
+    data = bad_and_odd_images()["good"]
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"id": list(data), "image": list(data.values())}), tmp_path / "pq" / "_0.parquet")
+    (tmp_path / "pq" / "_SUCCESS").write_bytes(b"")
+    listing = list_input(str(tmp_path / "pq"))
+    assert listing.skipped_counts() == {SKIP_NOT_DATA: 1}
+    assert read_images(str(tmp_path / "pq"), listing=listing).count() == len(data)
 
 
 def test_parquet_with_hf_style_image_structs(ray_local, tmp_path):

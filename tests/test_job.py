@@ -12,7 +12,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import first_sample_ids, kill_all_processes_mentioning, processes_mentioning, write_mixed_folder
+from conftest import (
+    MIXED_FOLDER_SKIPS,
+    first_sample_ids,
+    kill_all_processes_mentioning,
+    processes_mentioning,
+    write_mixed_folder,
+)
 from PIL import Image, ImageChops, ImageDraw
 
 from helpers.data import SAMPLE_SHARDS
@@ -85,11 +91,22 @@ class Job:
             kill_all_processes_mentioning(self.marker)
 
 
+# Rows an earlier run committed (resume): names that Ray's own listing would drop or that aren't ASCII.
+DONE_EARLIER = ("_DSC0001.JPG", "photos 2026/Zürich café.png")
+
+
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mixed")
     files = write_mixed_folder(folder)
     out = tmp_path_factory.mktemp("out") / "captions"
+    out.mkdir()
+    done = [
+        {"id": i, "caption": "from an earlier run", "error": None, "num_input_tokens": 9,
+         "num_generated_tokens": 3, "model": "tiny"}
+        for i in DONE_EARLIER
+    ]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(done, schema=OUTPUT_SCHEMA), out / "part-earlier.parquet")
     summary = run_job("--input", str(folder), "--output", str(out), "--contact-sheet-size", "8")
     return files, out, summary
 
@@ -100,6 +117,7 @@ def test_one_row_per_file_and_bad_files_become_error_rows(mixed_run):
     assert table.schema == OUTPUT_SCHEMA
     rows = {r["id"]: r for r in table.to_pylist()}
     assert sorted(rows) == sorted(files) and table.num_rows == len(files)
+    assert {rows[i]["caption"] for i in DONE_EARLIER} == {"from an earlier run"}  # resumed, not redone
     for rel, reason in EXPECTED_REASONS.items():
         assert rows[rel]["caption"] is None
         assert rows[rel]["error"] and reason in rows[rel]["error"], (rel, rows[rel]["error"])
@@ -113,14 +131,16 @@ def test_one_row_per_file_and_bad_files_become_error_rows(mixed_run):
 def test_summary_counts_match_the_output(mixed_run):
     files, out, summary = mixed_run
     bad = len(EXPECTED_REASONS)
-    assert (
-        summary["rows_in_output"] == summary["unique_ids"] == summary["rows_written_this_run"] == len(files)
-    )
+    assert summary["rows_in_output"] == summary["unique_ids"] == summary["rows_in"] == len(files)
+    assert summary["rows_written_this_run"] == len(files) - len(DONE_EARLIER)
+    assert summary["rows_skipped_already_done"] == len(DONE_EARLIER)
+    # What went in: every regular file under the input is a row or a counted skip.
+    assert summary["skipped_files"] == MIXED_FOLDER_SKIPS
+    assert summary["files_found"] == len(files) + sum(MIXED_FOLDER_SKIPS.values())
     assert summary["captioned"] == len(files) - bad and summary["errors"] == bad
     assert sum(summary["errors_by_reason"].values()) == bad
     assert summary["errors_by_reason"]["not an image"] >= 2
     assert summary["images_per_s"] > 0 and summary["versions"]["ray"]
-    assert summary["rows_skipped_already_done"] == 0
 
 
 def test_contact_sheet_shows_each_image_with_its_caption_or_error(mixed_run):
