@@ -6,8 +6,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 NOTEBOOK := llm_batch_inference_vision.ipynb
-# The offline preset needs no hub access: say so to the HF libraries before Python starts.
-OFFLINE := SMOKE_TEST=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# The offline preset needs no hub access: say so to the HF libraries before Python starts. Its local
+# Ray cluster runs with token authentication on (Ray's default), said explicitly: Ray prints no notice.
+OFFLINE := SMOKE_TEST=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_AUTH_MODE=token
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: help setup run run-gpu job test readme screenshot lint clean
@@ -31,7 +32,7 @@ run-gpu: ## Run the real GPU tutorial with the current python3 (pip install -r r
 job: setup ## Run the production job offline on CPU over the bundled shards; writes outputs/job/
 	$(OFFLINE) $(PY) batch_inference_vision.py --smoke --output outputs/job
 
-test: setup ## Run every test: unit, the notebook end to end (papermill), README sync, lint
+test: setup ## Run every test: lint, the notebook end to end (nbval), unit and job tests, README sync
 	bash ci/test.sh $(VENV)
 
 readme: setup ## Regenerate README.md from the notebook

@@ -7,6 +7,12 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRAC
   RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check helpers tests
-"$VENV/bin/python" -m pytest -v --durations=10 tests
-# The unmodified notebook runs end to end inside pytest (tests/test_notebook_run.py), executed
-# headless with papermill as `make run` does, with only the documented switch flipped.
+# The unmodified notebook runs first, cell by cell, with nbval (--nbval-lax: a cell fails on an
+# error), with only the documented switch flipped; tests/test_notebook_run.py then checks that same
+# run's outputs and captions. A local Ray starts with token authentication on, said explicitly so
+# that Ray prints no notice in the notebook.
+NB_OUT=$(mktemp -d)
+trap 'rm -rf "$NB_OUT"' EXIT
+export SMOKE_TEST=1 RAY_AUTH_MODE=token OUTPUT_DIR="$NB_OUT/captions"
+"$VENV/bin/python" -m pytest -v --durations=10 --nbval-lax --nbval-current-env \
+  llm_batch_inference_vision.ipynb tests

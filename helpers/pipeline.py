@@ -39,7 +39,7 @@ def processor_config(
         max_concurrent_batches=preset.max_concurrent_batches,
         # Ray Data hands a replica up to this many tasks (blocks) before the next replica gets any;
         # its default, 2 x max_concurrent_batches, let the first replica up take every row of a
-        # two-replica run, and Ray Data shut the second down, idle (2026-12-01, twice).
+        # two-replica run, and Ray Data shut the second down, idle.
         max_tasks_in_flight_per_actor=preset.replica_tasks_in_flight(batch, rows=rows, replicas=replicas),
         max_pending_requests=preset.max_pending_requests,
         accelerator_type=preset.accelerator_type,

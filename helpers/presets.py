@@ -77,16 +77,13 @@ class Preset:
 
         Ray Data hands an actor up to this many tasks before another actor gets any, and a task is
         a block of at least `batch_size` rows: the repartition's `rows_per_block`, or `rows` over
-        `blocks` for a repartition into a number of blocks. Its default, 2 x
-        `max_concurrent_batches` tasks, was 98,304 rows for the GPU preset with blocks of 256:
-        on two H200s the first replica up took every row of a two-replica run and Ray Data shut the
-        second down, idle. A cap of `max_concurrent_batches` tasks, counted as batches, did the
-        same on one H200 (2026-12-01): with blocks of 256 rows a task held four batches. The
-        notebook's first run on the GPU preset cuts 10,000 images into 64 blocks of 157 rows: 96
-        tasks were 15,072 rows, every image for the replica up first. With the blocks counted (40
-        tasks, 6,280 rows) the other replica got the rest; with an even share (31 tasks each, the
-        last 2 blocks to whichever finishes first) both get half. The share rounds down, so that
-        with more replicas none is left without a block. `replicas` defaults to `concurrency`.
+        `blocks` for a repartition into a number of blocks. So the cap counts rows, not tasks: with
+        Ray Data's default (2 x `max_concurrent_batches` tasks) the replica that is up first can
+        take every row of a run, and Ray Data then shuts the others down, idle. The notebook's
+        first run on the GPU preset (10,000 images in 64 blocks of 157 rows, two replicas) gets 31
+        tasks per replica; the last 2 blocks go to whichever finishes first. The share rounds
+        down, so that with more replicas none is left without a block. `replicas` defaults to
+        `concurrency`.
         """
         batch = batch_size or self.batch_size
         rows_per_task = max(batch, -(-rows // blocks) if rows and blocks else self.rows_per_block)
@@ -174,35 +171,24 @@ PRESETS: dict[str, Preset] = {
         rows_per_block=64,
         batch_size=64,
         # Two engine replicas per GPU (placement_group_config), each with its own engine-core
-        # process: at 4,096 sequences in one engine, that process's one Python thread was the limit
-        # (98% busy, half of it vLLM's per-request scheduling). Two engines of
-        # 2,048 split that work: 221.4 images/s steady against 139.9 for one engine of 4,096, run
-        # one after the other on one H200 (2026-12-01, one pair: 1.58x), and 222.6 at the median of
-        # 4 runs (197.6-227.9; benchmarks/results/latest.json).
+        # process: one engine's scheduling thread can't keep an H200 busy. 1.58x one engine of
+        # 4,096 sequences (benchmarks/README.md).
         concurrency=2,
         max_tokens=256,
         # 6,144 rows in each replica's engine stage, 4,096 of them inside its engine: 2,048 running
-        # and up to 2,048 prepared and queued. With Ray Data LLM's default cap (1.1 x max_num_seqs)
-        # the queue ran dry whenever a wave of requests finished together, and the engine waited
-        # while its actor prepared the next images one by one (1.19x steady with twice the cap at
-        # 1,024 sequences; benchmarks/results/).
+        # and up to 2,048 prepared and queued, so images are ready when a wave of requests
+        # finishes (Ray Data LLM's default, 1.1 x max_num_seqs, runs dry; benchmarks/README.md).
         max_concurrent_batches=96,
         max_pending_requests=4096,
         scale_up_images=1_000_000,
         scale_up_concurrency=8,  # 4 GPUs
-        # Tuned on one H200 (benchmarks/results/), each step against the one before: 2,048
-        # sequences against 1,024 was 1.29x, 4,096 against 2,048 1.14x (medians of 3 neighbouring
-        # pairs), then two engines of 2,048 against one of 4,096 1.58x (one pair). vLLM already
-        # schedules asynchronously by default (its log: "Asynchronous scheduling is enabled").
-        # Compiling or graphing the vision encoder did not help on vLLM 0.26; see the notebook's
-        # performance section.
+        # Tuned on one H200, each step side by side with the one before (benchmarks/README.md).
         engine_kwargs={
             "max_model_len": 4096,
             "max_num_seqs": 2048,
             "max_num_batched_tokens": 16384,
             # CUDA graphs up to the full decode batch (vLLM's default stops at 512), for 19 batch
-            # sizes instead of vLLM's 83: capture took 2-4 s instead of 9-12 s on an H200, with
-            # no measurable change in steady throughput (side by side, benchmarks/results/).
+            # sizes instead of vLLM's 83: a shorter capture at start-up, the same throughput.
             "compilation_config": {
                 "cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896]
                 + [1024, 1280, 1536, 1792, 2048]
@@ -210,9 +196,8 @@ PRESETS: dict[str, Preset] = {
             "enable_prefix_caching": True,  # every request shares the system prompt
             # Two engines on one GPU: each gets a fixed KV cache. Sized by a fraction of the GPU
             # instead, both engines measure their memory at once, each counts the other's as its
-            # own, and the second finds none left for its cache (2026-11-30). 2,048 sequences
-            # used up to 83% of 28 GiB; both engines together peaked at 84 GiB of the H200's 141.
-            # A GPU under 100 GiB runs one replica (replicas_per_gpu_for; job.yaml shows how).
+            # own, and the second finds none left for its cache. Both engines together peak at
+            # about 84 GiB; a GPU under 100 GiB runs one replica (replicas_per_gpu_for).
             "gpu_memory_utilization": 0.45,
             "kv_cache_memory_bytes": 28 * 2**30,
             "limit_mm_per_prompt": {"image": 1, "video": 0},
@@ -221,8 +206,8 @@ PRESETS: dict[str, Preset] = {
         },
         placement_group_config={"bundle_per_worker": {"GPU": 0.5, "CPU": 1}},
         # vLLM's compile cache (torch.compile and Triton kernels) where every node of the cluster
-        # finds it: on Anyscale /mnt/cluster_storage, so a new node starts warm (on an H200 the
-        # engine's init took 57 s without the cache, 9-16 s with it). Elsewhere vLLM keeps it in
+        # finds it: on Anyscale /mnt/cluster_storage, so a new node starts warm (about 45 s less
+        # start-up on an H200; benchmarks/README.md). Elsewhere vLLM keeps it in
         # ~/.cache/vllm on each node: warm from the second start on that node.
         env_vars=(
             {

@@ -25,7 +25,7 @@ def variants() -> dict[str, str]:
 
 def test_every_engine_variant_is_json_that_merges_into_the_gpu_preset():
     found = variants()
-    assert {"preset", "seqs4096", "two2048", "graphs16k", "warmrenderer"} <= set(found)
+    assert {"preset", "seqs4096", "two2048", "graphs16k", "fp8"} <= set(found)
     preset = get_preset(smoke_test=False)
     for name, value in found.items():
         kwargs = json.loads(value)  # raises on a broken variant

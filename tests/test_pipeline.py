@@ -98,7 +98,7 @@ def test_the_engine_holds_a_queue_of_prepared_requests_beyond_those_it_runs():
 # the next replica gets any, and a task is a block of the repartition (rows_per_block, at least a
 # batch). Ray's default (2 x max_concurrent_batches tasks) let the first replica up take every row of
 # a two-replica run on two H200s, and a cap of max_concurrent_batches tasks with blocks of 256 rows
-# did the same on one H200 (2026-12-01): Ray Data shut the second replica down, idle. A replica
+# did the same on one H200: Ray Data shut the second replica down, idle. A replica
 # must take in only the rows it runs at once, batch_size x max_concurrent_batches, whatever the
 # block size the job is given (--rows-per-block, --batch-size).
 def test_an_engine_replica_takes_in_only_the_rows_it_runs_at_once():
@@ -142,7 +142,7 @@ def test_a_replica_takes_in_at_most_an_even_share_of_a_run_of_known_size():
 
 # Config only: the GPU preset runs two engine replicas per GPU. Sized by a fraction of the GPU,
 # engines that start together each count the other's memory as their own, and the second found none
-# left for its KV cache (2026-11-30): replicas that share a GPU need a fixed KV cache, and their
+# left for its KV cache: replicas that share a GPU need a fixed KV cache, and their
 # shares may not add up to more than the GPU. Ray Data must ask for a replica's share of a GPU, not a
 # whole one (or a 1-GPU node would run one replica and wait for a second GPU for the other).
 def test_engine_replicas_that_share_a_gpu_ask_for_their_share_and_a_fixed_kv_cache():
@@ -170,9 +170,9 @@ def test_engine_replicas_that_share_a_gpu_ask_for_their_share_and_a_fixed_kv_cac
 
 # Ray Data for real, a replica coming up after the other: the engine stage's compute and concurrency
 # as processor_config sets them. "blocks": blocks of several batches (a target of 32 rows; Ray cut
-# blocks of 16 from this range). With a cap of max_concurrent_batches tasks (the fix of 2026-12-01,
-# before it counted rows) the first replica took all 128 rows and Ray Data shut the second down,
-# idle, as on the H200s. "small run": a run smaller than the rows two replicas run at once (the
+# blocks of 16 from this range). With a cap of max_concurrent_batches tasks (one that doesn't
+# count rows) the first replica takes all 128 rows and Ray Data shut the second down,
+# idle. "small run": a run smaller than the rows two replicas run at once (the
 # notebook's first run on the GPU preset: 10,000 images against 2 x 6,144): without the cap's even
 # share the first replica takes every row. With replica_tasks_in_flight both replicas caption.
 @pytest.mark.parametrize(
