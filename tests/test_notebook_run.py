@@ -37,6 +37,12 @@ PREVENTABLE = re.compile(
     r"Starting execution|execution finished"
 )
 
+# Ray Core logs this for every actor whose constructor arguments are in the object store, which is
+# how Ray Data starts each stage's actors: https://github.com/ray-project/ray/issues/53727
+RAY_CORE_ACTOR_RESTARTS = re.compile(
+    r"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(.*max_restarts > 0"
+)
+
 
 def nbval_run(session) -> list[dict] | None:
     """The notebook's cells as nbval ran them in this pytest session, if it ran every one."""
@@ -91,8 +97,15 @@ def test_every_cell_prints_a_few_lines_and_no_preventable_warnings(executed):
         assert len(lines) <= MAX_LINES_PER_CELL, (first, len(lines), lines[:40])
         leaked = [ln for ln in lines if PREVENTABLE.search(ln)]
         assert not leaked, (first, leaked)
-        # Normal operation shows no stderr box: anything on stderr is an error or a warning.
-        stderr = [o for o in cell.get("outputs", []) if o.get("name") == "stderr"]
+        # Normal operation shows no stderr box: anything on stderr is an error or a warning, except
+        # Ray Core's one line on Ray Data's actors (the notebook says why it needs no action).
+        stderr = [
+            line
+            for o in cell.get("outputs", [])
+            if o.get("name") == "stderr"
+            for line in "".join(o["text"]).splitlines()
+            if not RAY_CORE_ACTOR_RESTARTS.search(line)
+        ]
         assert not stderr, (first, stderr)
         assert not [o for o in cell.get("outputs", []) if o["output_type"] == "error"], first
     assert total < MAX_LINES_IN_ALL, total
