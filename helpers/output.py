@@ -11,6 +11,13 @@ the killed run can still commit its file for a moment, and a rerun started in th
 captions those rows again into a file of another name. `dedupe_output` removes such repeats;
 the job calls it when it reads the output to resume and again once its own writes are done, so
 every id is in the output exactly once by construction, whatever the timing.
+
+Why not Ray Data's own checkpointing (`DataContext.checkpoint_config`, beta in Ray 2.58-2.60)? It
+skips finished ids right after the read, so the id must already be a column of the read's output
+(here a `map` after the read makes it), and it commits its checkpoint in two phases only for Ray's
+built-in file sinks; for any other sink it writes the checkpoint after the data, which can repeat
+rows after a kill. It also keeps a second record of what is done beside the output. Reading the
+ids from the output itself has neither gap.
 """
 
 from __future__ import annotations
