@@ -18,6 +18,12 @@ The workload is fixed so figures compare across runs: 225x225 images (64 image t
 tutorial's prompt, temperature 0.3, exactly --max-tokens output tokens per image
 (ignore_eos=True; every request is checked). With --dummy the weights are random
 (load_format="dummy"): the compute is real, the captions are meaningless.
+Two rates over a run's output, besides end to end:
+  steady_images_per_s     rows out per second from the first output to the last, first wave
+                          included: the requests admitted while the engines started come out
+                          together right after the first output, so this overstates.
+  sustained_images_per_s  rows out per second after that first wave has come out (see
+                          first_wave_rows and sustained_rate), over `sustained_window_s` seconds.
 Prints one JSON line per run and appends them to --out. Each run's log is written as it comes,
 each line prefixed with its arrival time; each record gets `startup_breakdown` (when each start-up
 phase ended, seconds from t0, from Ray's and vLLM's own log lines: see STARTUP_MARKS),
@@ -91,12 +97,6 @@ def parse_args(argv=None):
         default=[],
         metavar="KEY=VALUE",
         help="an environment variable for the engine, added to the preset's env_vars; repeatable",
-    )
-    p.add_argument(
-        "--warm-renderer",
-        action="store_true",
-        help="experiment: build vLLM's HF processor during engine start, not at the first request "
-        "(benchmarks/warmhook; pipeline and fp8 runs)",
     )
     p.add_argument("--label", default="", help="a name for this configuration in the JSON lines")
     p.add_argument("--repeat", type=int, default=1, help="run each configuration this many times")
@@ -207,6 +207,74 @@ def settings(args, run: str):
     return preset, batch_size, concurrency
 
 
+# vLLM's max_num_seqs where engine_kwargs leave it out and the engine is built from
+# AsyncEngineArgs, as Ray Data LLM's engine stage and engine_async build it
+# (SchedulerConfig.DEFAULT_MAX_NUM_SEQS in vLLM 0.26 and 0.29; only `LLM` gets larger defaults).
+VLLM_DEFAULT_MAX_NUM_SEQS = 128
+PROGRESS_EVERY = 500  # rows between PROGRESS points
+
+
+def first_wave_rows(
+    max_num_seqs: int | None,
+    *,
+    replicas: int,
+    batch_size: int,
+    max_concurrent_batches: int,
+    max_pending_requests: int | None = None,
+    tasks_in_flight: int | None = None,
+    rows_per_task: int | None = None,
+) -> int:
+    """Rows that can be generating in the engines at once: the first wave.
+
+    Rows prepared while the engines start all enter at once; with `ignore_eos` and a fixed
+    `max_tokens` the ones admitted together also finish together, so they come out in a burst
+    right after the first output. Each replica runs the smaller of its engine's `max_num_seqs`
+    and what Ray Data LLM lets into it at once: `batch_size` x `max_concurrent_batches` rows (the
+    batches its engine stage works on), capped by `max_pending_requests` (requests the engine
+    holds, running and queued; Ray's default, 1.1 x max_num_seqs, never binds) and by the tasks
+    Ray Data hands a replica (`max_tasks_in_flight_per_actor` x rows per task). The GPU preset
+    runs 2 replicas of 2,048 sequences (its cap, 4,096 pending, is larger): 4,096 rows. The
+    original tutorial's settings leave max_num_seqs at vLLM's default (128) and let 16 x 8 = 128
+    rows in: 128 rows. The KV cache is not counted: the preset's holds every sequence it runs.
+    """
+    cap = batch_size * max_concurrent_batches
+    if max_pending_requests:
+        cap = min(cap, max_pending_requests)
+    if tasks_in_flight and rows_per_task:
+        cap = min(cap, tasks_in_flight * rows_per_task)
+    return replicas * min(max_num_seqs or VLLM_DEFAULT_MAX_NUM_SEQS, cap)
+
+
+def sustained_rate(points: list[tuple[float, int]], first_wave: int) -> tuple[float | None, float | None]:
+    """(rows per second, window in seconds) after the first wave, from PROGRESS points (seconds,
+    rows out so far): the slope from the point where `first_wave` rows were out to the last point.
+
+    That point is the last one before rows out pass `first_wave` (or the one that meets it
+    exactly): rows come out in waves, each wave's rows together once they have been generated,
+    so the first point past the first wave already holds part of the second wave's burst, and a
+    window started there would count those rows without the time spent generating them.
+    (None, None) where no later point adds rows (the run never got past its first wave)."""
+    points = sorted(points)
+    past = next((i for i, (_, rows) in enumerate(points) if rows >= first_wave), None)
+    if past is None:
+        return None, None
+    start = past if past == 0 or points[past][1] == first_wave else past - 1
+    (t_wave, rows_wave), (t_end, rows_end) = points[start], points[-1]
+    if rows_end <= rows_wave or t_end <= t_wave or rows_end <= first_wave:
+        return None, None
+    return (rows_end - rows_wave) / (t_end - t_wave), t_end - t_wave
+
+
+def progress(
+    points: list[tuple[float, int]], rows: int, now: float, t0: float, *, last: bool = False
+) -> None:
+    """Note a PROGRESS point (seconds from t0, rows out) every PROGRESS_EVERY rows, and the last."""
+    before = points[-1][1] if points else 0
+    if (last and rows != before) or before // PROGRESS_EVERY != rows // PROGRESS_EVERY:
+        points.append((round(now - t0, 2), rows))
+        print(f"PROGRESS {rows} rows at {now - t0:.1f} s", flush=True)
+
+
 def phase(name: str) -> float:
     """Mark the end of a phase in the run's log (the parent reads it back); returns the time."""
     now = time.time()
@@ -271,6 +339,7 @@ def run_engine_async(args, shards: str) -> dict:
         output_kind=RequestOutputKind.FINAL_ONLY if out["final_only"] else RequestOutputKind.CUMULATIVE,
     )
     in_flight = batch_size * preset.max_concurrent_batches
+    points = []
 
     async def generate_all():
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **preset.engine_kwargs))
@@ -285,8 +354,7 @@ def run_engine_async(args, shards: str) -> dict:
                 phase("first_output")
             finished.append(time.time())
             tokens.append(len(final.outputs[0].token_ids))
-            if len(finished) % 1000 == 0:
-                print(f"PROGRESS {len(finished)} rows at {finished[-1] - t0:.1f} s", flush=True)
+            progress(points, len(finished), finished[-1], t0)
 
         try:
             await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
@@ -297,8 +365,16 @@ def run_engine_async(args, shards: str) -> dict:
     t0 = phase("t0")
     finished, tokens = asyncio.run(generate_all())
     first, done = min(finished), max(finished)
+    progress(points, len(finished), done, t0, last=True)
     return {
         "images": len(tokens),
+        "progress": points,
+        "first_wave_rows": first_wave_rows(
+            preset.engine_kwargs.get("max_num_seqs"),
+            replicas=1,
+            batch_size=batch_size,
+            max_concurrent_batches=preset.max_concurrent_batches,
+        ),
         "startup_s": round(first - t0, 1),
         "steady_s": done - first,
         "steady_images": len(tokens) - 1,  # counted after the first output arrived
@@ -332,6 +408,9 @@ def run_engine(args, shards: str) -> dict:
     tokens = [len(o.outputs[0].token_ids) for o in outputs]
     return {
         "images": len(outputs),
+        # LLM.chat hands every output back at the end: no points to measure a sustained rate on.
+        "progress": [],
+        "first_wave_rows": preset.engine_kwargs.get("max_num_seqs"),
         "startup_s": round(started - t0, 1),
         "steady_s": done - started,
         "e2e_s": done - t0,
@@ -352,10 +431,6 @@ def run_pipeline(args, shards: str, run: str) -> dict:
     t0 = phase("t0")
     model_name = args.model or preset.model
     runtime_env = preset.runtime_env()
-    warm = args.warm_renderer and run != "original"
-    if warm:  # the experiment in benchmarks/warmhook: every worker runs its hook
-        runtime_env["py_modules"].append(str(Path(__file__).parent / "warmhook"))
-        runtime_env["worker_process_setup_hook"] = "warmhook.install"
     init_ray(preset, runtime_env)  # connects when RAY_ADDRESS is set (h200_x2.sh's shared cluster)
     phase("ray_up")
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -375,7 +450,7 @@ def run_pipeline(args, shards: str, run: str) -> dict:
     ds = read_images(shards).repartition(target_num_rows_per_block=preset.rows_per_block)
     ds = caption(ds, processor, model_name=model_name)
     first, first_rows = None, 0
-    tokens = []
+    tokens, points = [], []
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         now = time.time()
         if first is None:
@@ -383,12 +458,24 @@ def run_pipeline(args, shards: str, run: str) -> dict:
         tokens.extend(batch.column("num_generated_tokens").to_pylist())
         errors = [e for e in batch.column("error").to_pylist() if e]
         assert not errors, errors[:3]
-        if len(tokens) // 1000 != (len(tokens) - batch.num_rows) // 1000:
-            print(f"PROGRESS {len(tokens)} rows at {now - t0:.1f} s", flush=True)
+        progress(points, len(tokens), now, t0)
     done = time.time()
+    if tokens:  # the last rows' arrival, not the iterator's end
+        progress(points, len(tokens), now, t0, last=True)
     ray.shutdown()
     return {
         "images": len(tokens),
+        "progress": points,
+        "first_wave_rows": first_wave_rows(
+            preset.engine_kwargs.get("max_num_seqs"),
+            replicas=concurrency,
+            batch_size=batch_size,
+            max_concurrent_batches=preset.max_concurrent_batches,
+            max_pending_requests=preset.max_pending_requests,
+            tasks_in_flight=config.max_tasks_in_flight_per_actor,
+            # A task is a block: the repartition above makes blocks of rows_per_block rows.
+            rows_per_task=max(batch_size, preset.rows_per_block),
+        ),
         "startup_s": round(first - t0, 1),
         "steady_s": done - first,
         "steady_images": len(tokens) - first_rows,  # counted after the first output arrived
@@ -406,7 +493,6 @@ def run_pipeline(args, shards: str, run: str) -> dict:
             "separate_tokenizer_stages": preset.separate_tokenizer_stages,
             "placement_group_config": preset.placement_group_config,
             "env_vars": preset.env_vars,
-            "warm_renderer": warm,
             **out,
             "ray_address": os.environ.get("RAY_ADDRESS") or None,
         },
@@ -427,8 +513,11 @@ def one(args) -> None:
     tokens = result.pop("tokens")
     n = result["images"]
     steady_n = result.pop("steady_images", n)
-    # Steady: first output to last. LLM.chat ("engine") returns all outputs together at the end,
-    # so its steady window is the whole generate call (start of generation to last output).
+    first_wave = result.pop("first_wave_rows")
+    sustained, window = sustained_rate(result.pop("progress"), first_wave) if first_wave else (None, None)
+    # Steady: first output to last, first wave included. LLM.chat ("engine") returns all outputs
+    # together at the end, so its steady window is the whole generate call (start of generation
+    # to last output).
     record = {
         "run": run,
         "label": args.label,
@@ -438,6 +527,10 @@ def one(args) -> None:
         "steady_images_per_s": round(steady_n / result["steady_s"], 2)
         if steady_n and result["steady_s"] > 0
         else None,
+        "sustained_images_per_s": round(sustained, 2) if sustained else None,
+        "sustained_window_s": round(window, 1) if window else None,
+        "first_wave_rows": first_wave,
+        "max_tokens": args.max_tokens,
         "startup_s": result["startup_s"],
         "e2e_s": round(result["e2e_s"], 1),
         "output_tokens_per_s": round(sum(tokens) / result["e2e_s"], 1),

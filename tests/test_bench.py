@@ -1,12 +1,63 @@
 """The benchmark script runs (CPU, tiny model, toy size) so it can't rot between GPU sessions."""
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_vision  # noqa: E402  (benchmarks/ is no package)
+
+from helpers.presets import get_preset  # noqa: E402
+
+
+def test_sustained_rate_counts_from_the_end_of_the_first_wave():
+    # 4,096 rows come out in the first second (the wave admitted during start-up), then 200 a second.
+    wave = [(100.0 + (i + 1) / 8, 512 * (i + 1)) for i in range(8)]
+    steady = [(101.0 + k * 2.5, 4096 + 500 * k) for k in range(1, 52)]
+    rate, window = bench_vision.sustained_rate(steady[::-1] + wave, first_wave=4096)
+    assert round(rate, 6) == 200.0 and round(window, 6) == 127.5
+    # From the first output, as steady_images_per_s counts, the wave inflates the rate.
+    (t_first, _), (t_end, rows_end) = wave[0], steady[-1]
+    assert rows_end / (t_end - t_first) > 1.1 * rate
+    # No figure when the run never gets past its first wave, or only one point does.
+    assert bench_vision.sustained_rate(wave, first_wave=8192) == (None, None)
+    assert bench_vision.sustained_rate(wave, first_wave=4096) == (None, None)
+    assert bench_vision.sustained_rate([], first_wave=1) == (None, None)
+
+
+def test_sustained_rate_does_not_count_the_second_wave_without_its_generation_time():
+    # Four waves of 4,096 rows, each generated in 20 s and then out in 64 batches over 2 s, noted
+    # by the bench's own PROGRESS rule (a point every 500 rows): 12,288 rows in the 60 s after
+    # the first wave's burst, 204.8 a second. The first point past 4,096 is 4,544 rows, early in
+    # the second wave's burst; a window started there would count that wave without its 20 s.
+    points = []
+    for wave in range(4):
+        for batch in range(1, 65):
+            bench_vision.progress(points, 4096 * wave + 64 * batch, 100 + 20 * wave + 2 * batch / 64, 0)
+    bench_vision.progress(points, 16384, 162, 0, last=True)  # the run's last rows, as the bench notes them
+    rate, window = bench_vision.sustained_rate(points, first_wave=4096)
+    assert abs(rate - 204.8) / 204.8 < 0.01 and abs(window - 60) < 0.1, (rate, window)
+
+
+def test_first_wave_is_what_the_engines_run_at_once():
+    gpu = get_preset(False)
+    # The GPU preset: 2 replicas of max_num_seqs 2,048; Ray Data lets 4,096 in (max_pending_requests).
+    assert gpu.concurrency == 2 and gpu.engine_kwargs["max_num_seqs"] == 2048
+    preset = dict(
+        batch_size=gpu.batch_size,
+        max_concurrent_batches=gpu.max_concurrent_batches,
+        max_pending_requests=gpu.max_pending_requests,
+        tasks_in_flight=gpu.replica_tasks_in_flight(rows=30_000),
+        rows_per_task=gpu.rows_per_block,
+    )
+    assert bench_vision.first_wave_rows(2048, replicas=2, **preset) == 4096
+    # A smaller Ray Data cap binds: 64 rows x 16 batches per replica.
+    assert bench_vision.first_wave_rows(2048, replicas=2, **{**preset, "max_concurrent_batches": 16}) == 2048
+    # The original tutorial's settings: vLLM's default max_num_seqs, batch 16 x 8 in flight.
+    assert bench_vision.first_wave_rows(None, replicas=1, batch_size=16, max_concurrent_batches=8) == 128
 
 
 def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_path):
@@ -37,8 +88,6 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
         # h200_x2.sh's variants name only the compilation_config keys they change.
         "--engine-kwargs",
         '{"limit_mm_per_prompt": {"image": 1}}',
-        # The experiment behind h200_x2.sh's warmrenderer (benchmarks/warmhook).
-        "--warm-renderer",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -66,8 +115,3 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
     assert pipeline["rows_per_block"] == original["rows_per_block"] == 8  # a cap's task is a block
     log = (tmp_path / "work" / "logs" / "pipeline-0.log").read_text()
     assert "Max pending requests is set to 12" in log
-    # The hook reached the engine actor and warmed vLLM's renderer there; not the original's.
-    assert pipeline["warm_renderer"] is True and original["warm_renderer"] is False
-    assert re.search(r"vLLMEngineStageUDF.*warmhook: vLLM renderer warm-up took", log), log[-3000:]
-    assert "warm-up failed" not in log
-    assert "warmhook" not in (tmp_path / "work" / "logs" / "original-0.log").read_text()
