@@ -14,5 +14,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRAC
 NB_OUT=$(mktemp -d)
 trap 'rm -rf "$NB_OUT"' EXIT
 export SMOKE_TEST=1 RAY_AUTH_MODE=token OUTPUT_DIR="$NB_OUT/captions"
-"$VENV/bin/python" -m pytest -v --durations=10 --nbval-lax --nbval-current-env \
+"$VENV/bin/python" -m pytest -v --durations=25 --nbval-lax --nbval-current-env \
   llm_batch_inference_vision.ipynb tests

@@ -145,3 +145,23 @@ def run_parameters_cell() -> dict:
     scope: dict = {}
     exec("".join(cell["source"]), scope)
     return scope
+
+
+DATE = re.compile(r"\b20\d\d-[01]\d-[0-3]\d\b")
+
+
+def test_the_notebook_stays_a_tutorial_and_the_lab_report_stays_in_benchmarks():
+    """The notebook teaches; benchmarks/README.md reports (measurements, history, what was tried)."""
+    markdown = ["".join(c["source"]) for c in cells() if c["cell_type"] == "markdown"]
+    assert sum(map(len, markdown)) <= 18_000, "the notebook's prose grew: move detail to benchmarks/README.md"
+    assert len(markdown[0]) <= 2_000
+    assert len((ROOT / "benchmarks" / "README.md").read_text()) >= 3_000
+    assert len(DATE.findall(NOTEBOOK.read_text())) <= 1, "one date in the notebook: that of the figures"
+    code = [*ROOT.joinpath("helpers").glob("*.py"), ROOT / "batch_inference_vision.py"]
+    dated = [p.name for p in code if DATE.search(p.read_text())]
+    assert not dated, f"code says the present, without dates: {dated}"
+    long = [p.name for p in ROOT.joinpath("benchmarks").glob("*.sh") if len(p.read_text().splitlines()) > 300]
+    assert not long, long
+    assert len(json.loads((ROOT / "benchmarks" / "results" / "latest.json").read_text())) <= 40
+    assert "--nbval-lax" in (ROOT / "ci" / "test.sh").read_text()
+    assert re.search(r"^nbval==", (ROOT / "requirements-dev.txt").read_text(), re.M)
