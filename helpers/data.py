@@ -43,6 +43,7 @@ class FileListing:
     root: str
     files: list[str] = field(default_factory=list)  # absolute paths, sorted
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    format: str = "images"  # or "parquet" or "tar": how read_images reads `files` (list_input)
 
     @property
     def files_found(self) -> int:
@@ -196,9 +197,9 @@ def list_input(source: str) -> FileListing | None:
     if "://" in source or glob.has_magic(local) or not os.path.isdir(local):
         return None
     listing = list_files(local)
-    fmt = folder_format(listing)
-    if fmt != "images":
-        data = [p for p in listing.files if p.endswith(f".{fmt}")]
+    listing.format = folder_format(listing)
+    if listing.format != "images":
+        data = [p for p in listing.files if p.endswith(f".{listing.format}")]
         for p in sorted(set(listing.files) - set(data)):
             listing.skip(SKIP_NOT_DATA, p)
         listing.files = data
@@ -225,10 +226,9 @@ def read_images(
     local = os.path.expanduser(source)
     listing = listing or list_input(source)
     if listing is not None:
-        fmt = folder_format(listing)
-        if fmt == "parquet":
+        if listing.format == "parquet":
             return read_parquet_images(listing.files, **columns, **read_kwargs)
-        if fmt == "tar":
+        if listing.format == "tar":
             return read_webdataset_images(listing.files, **read_kwargs)
         return read_image_folder(local, listing=listing, **read_kwargs)
     if "://" not in source and glob.has_magic(local):

@@ -31,7 +31,7 @@ MAX_LINES_PER_CELL = 30
 MAX_LINES_IN_ALL = 100
 # Lines that mean something leaked that a setting of ours could have kept out of the notebook:
 # worker logs (they carry "pid="), vLLM and Python warnings, deprecations, progress dumps, Ray
-# Data's INFO lines (its `ray.data` logger is at WARNING in the notebook).
+# Data's INFO lines (the notebook logs warnings and errors only: logging.disable(logging.INFO)).
 PREVENTABLE = re.compile(
     r"pid=|WARNING|Warning:|deprecat|Elapsed time|ArrowConversionError|Running Dataset|"
     r"Starting execution|execution finished"
