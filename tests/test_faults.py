@@ -1,61 +1,45 @@
-"""Faults in the middle of a run of the job, on CPU with the real engine.
+"""Faults in the middle of runs of the job, on CPU with the real engine.
 
-Each ends with every id in the output exactly once: either the job survives the fault and
-completes, or it exits non-zero with a clear message, and a rerun of the same command completes
-the rest.
+One output folder lives through the faults a long job meets, one after another, each run the same
+command (the first 20 of the 24 bundled images, as job.yaml's --limit with retries):
+  1. the output disk fills up: the job exits 1 with a clear message and what to do;
+  2. the disk has room again, and the driver alone is SIGKILLed after its first commit, its Ray
+     workers left running on for a moment;
+  3. the rerun at once, during which a CPU-stage actor and then the engine's actor are SIGKILLed:
+     Ray Data restarts them and retries their tasks, and the run completes.
+Every run resumes from what the runs before it committed, and the output ends with the first 20 ids,
+each exactly once, none an error.
 """
 
+import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import first_sample_ids
-from test_job import Job, run_job
+from conftest import first_sample_ids, kill_all_processes_mentioning
+from test_job import Job
 
 from helpers.data import SAMPLE_SHARDS
 
-ALL = 24  # the bundled images
+LIMIT = 20  # of the 24 bundled images: a resumed run must complete the same first N
 
 
 def job_args(out: Path) -> list[str]:
     # Blocks of 2 rows: many small commits, so a fault lands between the first and the last.
-    args = ["--input", f"{SAMPLE_SHARDS}/*.tar", "--output", str(out), "--no-contact-sheet"]
-    return args + ["--rows-per-block", "2", "--batch-size", "2"]
+    args = ["--input", f"{SAMPLE_SHARDS}/*.tar", "--output", str(out), "--limit", str(LIMIT)]
+    return args + ["--no-contact-sheet", "--rows-per-block", "2", "--batch-size", "2"]
 
 
-def assert_every_id_exactly_once(out: Path) -> None:
-    table = pq.read_table(out)
-    ids = table.column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == ALL
-    assert set(ids) == set(first_sample_ids(ALL))
-    assert table.column("error").null_count == ALL, table.column("error").to_pylist()
-
-
-@pytest.mark.parametrize(
-    "title, after_first_commit",
-    [("vLLMEngineStageUDF", True), ("ChatTemplateUDF", False)],
-    ids=["engine-actor", "cpu-stage-actor"],
-)
-def test_a_worker_killed_mid_run(tmp_path, title, after_first_commit):
-    out = tmp_path / "captions"
-    job = Job(out, tmp_path / "job.log", job_args(out))
-    try:
-        # The CPU stages are done with every row before the engine's first batch is written,
-        # so their actor is killed as soon as it works, the engine's once a file is committed.
-        if after_first_commit:
-            job.wait_for_first_commit()
-        job.kill(title)
-    finally:
-        rc, log = job.finish()
-    # Ray Data restarts a dead actor and retries its tasks, so the job is expected to complete.
-    assert rc == 0, log[-3000:]
-    assert_every_id_exactly_once(out)
+def ids_in(out: Path) -> list[str]:
+    return pq.read_table(out).column("id").to_pylist()
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 16 KiB tmpfs: room for a few of the job's files (one 4 KiB page each), not all 12."""
+    """A 16 KiB tmpfs: room for a few of the job's files (one 4 KiB page each), not all 10."""
     disk = tmp_path / "disk"
     disk.mkdir()
     mount = subprocess.run(
@@ -69,16 +53,56 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def test_a_full_output_disk_fails_clearly_then_resumes(tmp_path, small_disk):
+def test_a_full_disk_a_killed_driver_and_killed_workers_each_resume_to_the_first_n_ids_once(
+    tmp_path, small_disk
+):
     out = small_disk / "captions"
-    job = Job(out, tmp_path / "job.log", job_args(out))
-    rc, log = job.finish()
+    args = job_args(out)
+
+    # 1. The disk fills up: a clear failure, with what to do, and the rows committed before it.
+    rc, log = Job(out, tmp_path / "full_disk.log", args).finish()
     assert rc == 1, log[-3000:]
     assert "[job] FAILED" in log and "No space left on device" in log, log[-3000:]
     assert "run the same command again" in log
-    committed = pq.read_table(out).num_rows
-    assert 0 <= committed < ALL
+    committed = ids_in(out)
+    assert len(committed) < LIMIT
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
-    summary = run_job(*job_args(out))
-    assert summary["rows_skipped_already_done"] == committed
-    assert_every_id_exactly_once(out)
+
+    # 2. The driver alone, after its first commit: its Ray workers run on for a moment and may
+    # still commit files, while the rerun below has already read what is there.
+    killed = Job(out, tmp_path / "driver_killed.log", args)
+    try:
+        killed.wait_for_first_commit()
+        os.kill(killed.proc.pid, signal.SIGKILL)
+        killed.proc.wait()
+        first = ids_in(out)
+        assert len(committed) < len(first) < LIMIT, "kill the job partway"
+        # A write interrupted mid-file leaves only a hidden temporary: never read as finished work.
+        planted = out / ".tmp-deadbeef-part-x.parquet"
+        planted.write_bytes(b"PAR1 half a file")
+        assert len(ids_in(out)) >= len(first)
+
+        # 3. The rerun, at once. Its CPU stages are done with every row before the engine's first
+        # batch is written, so their actor is killed as soon as it works; the engine's actor
+        # once this run has committed a file, with rows still to caption.
+        rerun = Job(out, tmp_path / "rerun.log", args)
+        try:
+            rerun.kill("ChatTemplateUDF")
+            rerun.wait_for_first_commit()
+            rerun.kill("vLLMEngineStageUDF")
+        finally:
+            rc, log = rerun.finish()
+    finally:
+        kill_all_processes_mentioning(killed.marker)
+
+    # Ray Data restarts a dead actor and retries its tasks, so the rerun completes.
+    assert rc == 0, log[-3000:]
+    table = pq.read_table(out)
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == LIMIT
+    assert set(ids) == set(first_sample_ids(LIMIT)) and set(first) <= set(ids)
+    assert table.column("error").null_count == LIMIT, table.column("error").to_pylist()
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["rows_in_output"] == summary["unique_ids"] == LIMIT
+    assert summary["rows_skipped_already_done"] >= len(first)
+    assert not planted.exists()
