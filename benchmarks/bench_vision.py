@@ -87,6 +87,12 @@ def parse_args(argv=None):
         "the KV cache; the GPU preset runs 2)",
     )
     p.add_argument(
+        "--separate-tokenizer-stages",
+        action="store_true",
+        help="tokenize and detokenize in Ray Data LLM's own stages, the engine not detokenizing (the GPU "
+        "preset's choice; on --smoke it runs the GPU preset's output path with the tiny model)",
+    )
+    p.add_argument(
         "--cumulative",
         action="store_true",
         help="the engine's default output (an update per token, engine-side detokenize), for comparison",
@@ -180,6 +186,8 @@ def settings(args, run: str):
         preset = dataclasses.replace(preset, max_pending_requests=args.max_pending_requests)
     if args.placement_group_config and run != "original":
         preset = dataclasses.replace(preset, placement_group_config=args.placement_group_config)
+    if args.separate_tokenizer_stages and run != "original":
+        preset = dataclasses.replace(preset, separate_tokenizer_stages=True)
     if run == "fp8":
         engine_kwargs["quantization"] = "fp8"
     env_vars = dict(preset.env_vars)
@@ -450,7 +458,7 @@ def run_pipeline(args, shards: str, run: str) -> dict:
     ds = read_images(shards).repartition(target_num_rows_per_block=preset.rows_per_block)
     ds = caption(ds, processor, model_name=model_name)
     first, first_rows = None, 0
-    tokens, points = [], []
+    tokens, points, empty, ids = [], [], 0, set()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         now = time.time()
         if first is None:
@@ -458,6 +466,10 @@ def run_pipeline(args, shards: str, run: str) -> dict:
         tokens.extend(batch.column("num_generated_tokens").to_pylist())
         errors = [e for e in batch.column("error").to_pylist() if e]
         assert not errors, errors[:3]
+        ids.update(batch.column("id").to_pylist())
+        assert len(ids) == len(tokens), "an image came out twice"
+        # A caption with no text: with detokenize=False the text comes from Ray's detokenize stage.
+        empty += sum(1 for c in batch.column("caption").to_pylist() if not (c or "").strip())
         progress(points, len(tokens), now, t0)
     done = time.time()
     if tokens:  # the last rows' arrival, not the iterator's end
@@ -465,6 +477,7 @@ def run_pipeline(args, shards: str, run: str) -> dict:
     ray.shutdown()
     return {
         "images": len(tokens),
+        "empty_captions": empty,
         "progress": points,
         "first_wave_rows": first_wave_rows(
             preset.engine_kwargs.get("max_num_seqs"),
@@ -523,6 +536,7 @@ def one(args) -> None:
         "label": args.label,
         "images": n,
         "tokens_ok": n == args.num_images and all(t == args.max_tokens for t in tokens),
+        "empty_captions": result.get("empty_captions"),  # counted where the pipeline writes captions
         "e2e_images_per_s": round(n / result["e2e_s"], 2),
         "steady_images_per_s": round(steady_n / result["steady_s"], 2)
         if steady_n and result["steady_s"] > 0

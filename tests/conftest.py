@@ -1,9 +1,13 @@
 import io
 import os
+import secrets
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import tarfile
+import tempfile
 import time
 import zlib
 from glob import glob
@@ -12,16 +16,100 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers.presets import OFFLINE_ENV
 
-@pytest.fixture(scope="module")
+# The files whose tests use the session's running cluster (the `cluster` fixture): one worker
+# runs them all, so it starts once.
+SHARE_THE_CLUSTER = ("tests/test_bench.py", "tests/test_job.py", "tests/test_jobs_api.py")
+BIN = Path(sys.executable).parent
+# The scopes that take longest (a few minutes each on 2 cores), in the order the workers take them.
+LONGEST_FIRST = ("tests/test_faults.py", "cluster", "notebook")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """With pytest-xdist (`make test` runs two workers, ci/test.sh), a file's tests run in one
+    worker, so a module's fixtures (a job run) are made once, and the files that share the
+    session's cluster run in one worker. The notebook's cells,
+    which nbval runs in one kernel, and tests/test_notebook_run.py, which checks that run's
+    outputs, run in one worker, in that order (collection's)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _assign_work_unit(self, node) -> None:
+            # The longest scopes first, so that neither worker is left alone with one at the end.
+            for scope in LONGEST_FIRST:
+                if scope in self.workqueue:
+                    self.workqueue.move_to_end(scope, last=False)
+                    break
+            super()._assign_work_unit(node)
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]  # a cell of nbval's is "<notebook>.ipynb::Cell N"
+            if path.endswith(".ipynb") or path == "tests/test_notebook_run.py":
+                return "notebook"
+            return "cluster" if path in SHARE_THE_CLUSTER else path
+
+    return ByFile(config, log)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray with a few logical CPUs, so reads and maps can run side by side on 2 cores."""
+    """A local Ray with a few logical CPUs, so reads and maps can run side by side on 2 cores:
+    one for the session (each pytest-xdist worker has its own)."""
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A running single-node Ray cluster, as on a real cluster's head node: (its dashboard's
+    address, an environment for a client of it, with RAY_ADDRESS set for a driver that connects).
+    Started once per pytest worker (`ray start --head`, CPU only, its own temp dir and ports, token
+    authentication on as Ray 2.60 turns it on where a token exists); the tests that run a Ray Job,
+    the job as a driver of the cluster, or the benchmark share it. Only its own processes stop."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a limit
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {
+        **os.environ,
+        **OFFLINE_ENV,
+        "PATH": f"{BIN}:{os.environ['PATH']}",  # the job's `python` is this environment's
+        "RAY_TMPDIR": temp_dir,  # also marks every process of this cluster, for the clean-up
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+    }
+    env.pop("RAY_ADDRESS", None)
+    dashboard = free_port()
+    # Every port given: the raylet then doesn't wait for its agents to write theirs (it gives up
+    # after 15 s, too soon for a Python agent starting on 2 busy cores).
+    ports = {
+        "--port": free_port(),
+        "--dashboard-port": dashboard,
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--ray-client-server-port": free_port(),
+    }
+    start = [str(BIN / "ray"), "start", "--head", "--num-cpus", "8", "--temp-dir", temp_dir]
+    start += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--disable-usage-stats"]
+    start += [str(a) for kv in ports.items() for a in kv]
+    # The worker that runs the cluster's files yields the CPU to the other (its Ray starts are
+    # local ones, which must come up within Ray's fixed start-up waits): nice 5, inherited by the
+    # cluster, the jobs and the benchmark.
+    os.nice(5)
+    try:
+        proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        gcs = f"127.0.0.1:{ports['--port']}"
+        yield f"http://127.0.0.1:{dashboard}", {**env, "GCS_ADDRESS": gcs}
+    finally:
+        kill_all_processes_mentioning(temp_dir)
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -60,7 +60,7 @@ def test_first_wave_is_what_the_engines_run_at_once():
     assert bench_vision.first_wave_rows(None, replicas=1, batch_size=16, max_concurrent_batches=8) == 128
 
 
-def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_path):
+def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_path, cluster):
     out = tmp_path / "results.jsonl"
     cmd = [
         sys.executable,
@@ -88,8 +88,14 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
         # h200_x2.sh's variants name only the compilation_config keys they change.
         "--engine-kwargs",
         '{"limit_mm_per_prompt": {"image": 1}}',
+        # The GPU preset's output path with the tiny model: Ray Data LLM tokenizes and detokenizes
+        # in its own stages, and the engine returns each request once, finished, not detokenized.
+        "--separate-tokenizer-stages",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    # The Ray runs connect to the session's running cluster, as h200_x2.sh's runs share one.
+    _, env = cluster
+    env = {**env, "RAY_ADDRESS": env["GCS_ADDRESS"]}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["run"] for r in records] == ["engine", "engine_async", "pipeline", "original"]
@@ -100,6 +106,10 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
     # Each pipeline run measured the configuration it is named for (the README table's rows).
     pipeline, original = (r["settings"] for r in records[2:])
     assert pipeline["batch_size"] == 8 and pipeline["final_only"] is True
+    # The engine didn't detokenize, and every caption has text: Ray's detokenize stage made it
+    # (with that stage off the captions come back empty: the engine honours detokenize=False).
+    assert pipeline["separate_tokenizer_stages"] is True and pipeline["detokenize"] is False
+    assert records[2]["empty_captions"] == 0 and records[3]["empty_captions"] == 0
     assert original["batch_size"] == 16 and original["final_only"] is False and original["detokenize"] is True
     assert "max_num_seqs" in pipeline["engine_kwargs"] and "max_num_seqs" not in original["engine_kwargs"]
     assert pipeline["placement_group_config"] == {"bundle_per_worker": {"CPU": 2}}
@@ -108,6 +118,7 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
     assert pipeline["env_vars"]["BENCH_ENV_MARK"] == "1"  # recorded with the run it changed
     # Recorded, and what the engine actor used (its own log line); the original keeps Ray's default.
     assert pipeline["max_pending_requests"] == 12 and original["max_pending_requests"] is None
+    assert pipeline["ray_address"] == original["ray_address"] == env["RAY_ADDRESS"]
     # The preset caps it (here at the run's share: its 6 rows are one block of 8, one task); the
     # tutorial left Ray's default.
     in_flight = "max_tasks_in_flight_per_actor"

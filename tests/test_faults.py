@@ -60,7 +60,7 @@ def test_a_full_disk_a_killed_driver_and_killed_workers_each_resume_to_the_first
     args = job_args(out)
 
     # 1. The disk fills up: a clear failure, with what to do, and the rows committed before it.
-    rc, log = Job(out, tmp_path / "full_disk.log", args).finish()
+    rc, log = Job.start(out, tmp_path / "full_disk.log", args).finish()
     assert rc == 1, log[-3000:]
     assert "[job] FAILED" in log and "No space left on device" in log, log[-3000:]
     assert "run the same command again" in log
@@ -70,7 +70,7 @@ def test_a_full_disk_a_killed_driver_and_killed_workers_each_resume_to_the_first
 
     # 2. The driver alone, after its first commit: its Ray workers run on for a moment and may
     # still commit files, while the rerun below has already read what is there.
-    killed = Job(out, tmp_path / "driver_killed.log", args)
+    killed = Job.start(out, tmp_path / "driver_killed.log", args)
     try:
         killed.wait_for_first_commit()
         os.kill(killed.proc.pid, signal.SIGKILL)
@@ -85,7 +85,7 @@ def test_a_full_disk_a_killed_driver_and_killed_workers_each_resume_to_the_first
         # 3. The rerun, at once. Its CPU stages are done with every row before the engine's first
         # batch is written, so their actor is killed as soon as it works; the engine's actor
         # once this run has committed a file, with rows still to caption.
-        rerun = Job(out, tmp_path / "rerun.log", args)
+        rerun = Job.start(out, tmp_path / "rerun.log", args)
         try:
             rerun.kill("ChatTemplateUDF")
             rerun.wait_for_first_commit()

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 JOB = [sys.executable, str(ROOT / "batch_inference_vision.py"), "--smoke"]
 
 
-def run_job(*args: str, timeout: int = 600) -> dict:
-    proc = subprocess.run([*JOB, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run_job(*args: str, timeout: int = 600, env: dict | None = None) -> dict:
+    proc = subprocess.run([*JOB, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     output = args[args.index("--output") + 1]
     return json.loads(Path(output, "_summary.json").read_text())
@@ -46,6 +46,29 @@ class Job:
                 stdout=f,
                 stderr=subprocess.STDOUT,
             )
+
+    def ray_started(self, timeout: float = 300) -> bool:
+        """Until the job's local Ray is up (True), or the job has ended because it didn't come up
+        (False): on 2 busy cores a raylet can give up on its agents, whose ports it waits for 15 s."""
+        deadline = time.time() + timeout
+        while "ids already in" not in self.log.read_text():
+            if self.proc.poll() is not None:
+                log = self.log.read_text()
+                assert "The current node timed out during startup" in log, log[-3000:]
+                return False
+            assert time.time() < deadline, "Ray did not start in time"
+            time.sleep(0.2)
+        return True
+
+    @classmethod
+    def start(cls, out: Path, log: Path, args: list[str], attempts: int = 3) -> "Job":
+        """A job whose local Ray came up, started again (at most `attempts` times) if it didn't."""
+        for _ in range(attempts - 1):
+            job = cls(out, log, args)
+            if job.ray_started():
+                return job
+            job.finish()
+        return cls(out, log, args)
 
     def wait_for_first_commit(self, timeout: float = 400) -> None:
         """Until this run has committed a file of its own."""
@@ -76,15 +99,21 @@ class Job:
             kill_all_processes_mentioning(self.marker)
 
 
-def test_limit_zero_captions_nothing(tmp_path):
+def driver_of(cluster) -> dict:
+    """The environment of a job's driver on the running cluster: Ray connects (RAY_ADDRESS)."""
+    _, env = cluster
+    return {**env, "RAY_ADDRESS": env["GCS_ADDRESS"]}
+
+
+def test_limit_zero_captions_nothing(tmp_path, cluster):
     out = tmp_path / "captions"
-    summary = run_job("--limit", "0", "--output", str(out), "--no-contact-sheet")
+    summary = run_job("--limit", "0", "--output", str(out), "--no-contact-sheet", env=driver_of(cluster))
     assert summary["rows_in_output"] == 0 and summary["rows_written_this_run"] == 0
 
 
-def test_prompts_the_engine_rejects_become_error_rows(tmp_path):
+def test_prompts_the_engine_rejects_become_error_rows(tmp_path, cluster):
     out = tmp_path / "captions"
-    summary = run_job(
+    args = [
         "--limit",
         "4",
         "--engine-kwargs",
@@ -92,7 +121,8 @@ def test_prompts_the_engine_rejects_become_error_rows(tmp_path):
         "--output",
         str(out),
         "--no-contact-sheet",
-    )
+    ]
+    summary = run_job(*args, env=driver_of(cluster))
     table = pq.read_table(out)
     assert table.num_rows == 4 and summary["errors_by_reason"] == {"engine rejected the request": 4}
     assert all("maximum context length" in e for e in table.column("error").to_pylist())

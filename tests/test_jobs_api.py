@@ -2,27 +2,23 @@
 over a real folder of good, odd and broken files: one row per file, error rows, resume, summary and
 contact sheet, all from that one run of the job.
 
-The module starts its own single-node cluster (`ray start --head`, CPU only, its own temp dir and
-ports, token authentication on as Ray 2.60 turns it on where a token exists), submits the job
-with `ray job submit --working-dir .`, and then stops only the processes of its own cluster.
+The cluster is the session's (tests/conftest.py: `ray start --head`, CPU only, its own temp dir
+and ports, token authentication on as Ray 2.60 turns it on where a token exists); the job goes to
+it with `ray job submit --working-dir .`.
 """
 
 import json
-import os
-import secrets
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import MIXED_FOLDER_SKIPS, free_port, kill_all_processes_mentioning, write_mixed_folder
+from conftest import MIXED_FOLDER_SKIPS, write_mixed_folder
 from PIL import Image, ImageChops, ImageDraw
 
 from helpers.output import OUTPUT_SCHEMA
-from helpers.presets import OFFLINE_ENV
 from helpers.show import GREY, draw_tile_text, tile_boxes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,39 +36,6 @@ EXPECTED_REASONS = {
 
 # Rows an earlier run committed (resume): names that Ray's own listing would drop or that aren't ASCII.
 DONE_EARLIER = ("_DSC0001.JPG", "photos 2026/Zürich café.png")
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("cluster")
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a limit
-    token = tmp_path / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {
-        **os.environ,
-        **OFFLINE_ENV,
-        "PATH": f"{BIN}:{os.environ['PATH']}",  # the job's `python` is this environment's
-        "RAY_TMPDIR": temp_dir,  # also marks every process of this cluster, for the clean-up
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token),
-    }
-    env.pop("RAY_ADDRESS", None)
-    dashboard = free_port()
-    ports = {
-        "--port": free_port(),
-        "--dashboard-port": dashboard,
-        "--dashboard-agent-listen-port": free_port(),
-        "--ray-client-server-port": free_port(),
-    }
-    start = [str(BIN / "ray"), "start", "--head", "--num-cpus", "8", "--temp-dir", temp_dir]
-    start += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--disable-usage-stats"]
-    start += [str(a) for kv in ports.items() for a in kv]
-    try:
-        proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        yield f"http://127.0.0.1:{dashboard}", {**env, "GCS_ADDRESS": f"127.0.0.1:{ports['--port']}"}
-    finally:
-        kill_all_processes_mentioning(temp_dir)
 
 
 @pytest.fixture(scope="module")

@@ -77,5 +77,6 @@ cd ..
 i=1; for p in bundle/part_*; do mkdir -p c$i; mv "$p" c$i/; i=$((i + 1)); done
 rmdir bundle
 du -sh kit c* | tr '\n' ' '; echo
-torch_end=$(awk '$1 ~ /^nvidia_nccl_cu13-/ {print $2 + $3}' kit/manifest.txt)
+# ls sorts its arguments, so NCCL comes first in the stream and torch ends later: take the later end.
+torch_end=$(awk '$1 ~ /^(torch|nvidia_nccl_cu13)-/ {e = $2 + $3; if (e > m) m = e} END {print m}' kit/manifest.txt)
 echo "stream $((off / 1048576)) MiB in $((i - 1)) pieces; torch and NCCL end in c$(((torch_end + 61865983) / 61865984))"
