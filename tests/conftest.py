@@ -22,8 +22,6 @@ from helpers.presets import OFFLINE_ENV
 # runs them all, so it starts once.
 SHARE_THE_CLUSTER = ("tests/test_bench.py", "tests/test_job.py", "tests/test_jobs_api.py")
 BIN = Path(sys.executable).parent
-# The scopes that take longest (a few minutes each on 2 cores), in the order the workers take them.
-LONGEST_FIRST = ("tests/test_faults.py", "cluster", "notebook")
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -35,14 +33,6 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class ByFile(LoadScopeScheduling):
-        def _assign_work_unit(self, node) -> None:
-            # The longest scopes first, so that neither worker is left alone with one at the end.
-            for scope in LONGEST_FIRST:
-                if scope in self.workqueue:
-                    self.workqueue.move_to_end(scope, last=False)
-                    break
-            super()._assign_work_unit(node)
-
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]  # a cell of nbval's is "<notebook>.ipynb::Cell N"
             if path.endswith(".ipynb") or path == "tests/test_notebook_run.py":

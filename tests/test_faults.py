@@ -77,6 +77,8 @@ def test_a_full_disk_a_killed_driver_and_killed_workers_each_resume_to_the_first
         killed.proc.wait()
         first = ids_in(out)
         assert len(committed) < len(first) < LIMIT, "kill the job partway"
+        # It resumed from exactly what the full disk's run had committed.
+        assert f"[job] {len(committed)} ids already in" in killed.log.read_text()
         # A write interrupted mid-file leaves only a hidden temporary: never read as finished work.
         planted = out / ".tmp-deadbeef-part-x.parquet"
         planted.write_bytes(b"PAR1 half a file")
