@@ -26,10 +26,9 @@ BIN = Path(sys.executable).parent
 
 def pytest_xdist_make_scheduler(config, log):
     """With pytest-xdist (`make test` runs two workers, ci/test.sh), a file's tests run in one
-    worker, so a module's fixtures (a job run) are made once, and the files that share the
-    session's cluster run in one worker. The notebook's cells,
-    which nbval runs in one kernel, and tests/test_notebook_run.py, which checks that run's
-    outputs, run in one worker, in that order (collection's)."""
+    worker, so a module's fixtures (a job run) are made once; the files that share the session's
+    cluster run in one worker; and the notebook's cells (nbval runs them in one kernel) run in one
+    worker with tests/test_notebook_run.py, which checks that run's outputs, in collection order."""
     from xdist.scheduler import LoadScopeScheduling
 
     class ByFile(LoadScopeScheduling):
