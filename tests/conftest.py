@@ -56,7 +56,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     """A running single-node Ray cluster, as on a real cluster's head node: (its dashboard's
-    address, an environment for a client of it, with RAY_ADDRESS set for a driver that connects).
+    address, an environment for its clients: RAY_ADDRESS is its GCS, so a driver connects).
     Started once per pytest worker (`ray start --head`, CPU only, its own temp dir and ports, token
     authentication on as Ray 2.60 turns it on where a token exists); the tests that run a Ray Job,
     the job as a driver of the cluster, or the benchmark share it. Only its own processes stop."""
@@ -95,8 +95,7 @@ def cluster(tmp_path_factory):
     try:
         proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        gcs = f"127.0.0.1:{ports['--port']}"
-        yield f"http://127.0.0.1:{dashboard}", {**env, "GCS_ADDRESS": gcs}
+        yield f"http://127.0.0.1:{dashboard}", {**env, "RAY_ADDRESS": f"127.0.0.1:{ports['--port']}"}
     finally:
         kill_all_processes_mentioning(temp_dir)
 

@@ -94,7 +94,6 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
     ]
     # The Ray runs connect to the session's running cluster, as h200_x2.sh's runs share one.
     _, env = cluster
-    env = {**env, "RAY_ADDRESS": env["GCS_ADDRESS"]}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]

@@ -99,19 +99,15 @@ class Job:
             kill_all_processes_mentioning(self.marker)
 
 
-def driver_of(cluster) -> dict:
-    """The environment of a job's driver on the running cluster: Ray connects (RAY_ADDRESS)."""
-    _, env = cluster
-    return {**env, "RAY_ADDRESS": env["GCS_ADDRESS"]}
-
-
 def test_limit_zero_captions_nothing(tmp_path, cluster):
+    _, env = cluster  # the job's driver connects to the running cluster
     out = tmp_path / "captions"
-    summary = run_job("--limit", "0", "--output", str(out), "--no-contact-sheet", env=driver_of(cluster))
+    summary = run_job("--limit", "0", "--output", str(out), "--no-contact-sheet", env=env)
     assert summary["rows_in_output"] == 0 and summary["rows_written_this_run"] == 0
 
 
 def test_prompts_the_engine_rejects_become_error_rows(tmp_path, cluster):
+    _, env = cluster
     out = tmp_path / "captions"
     args = [
         "--limit",
@@ -122,7 +118,7 @@ def test_prompts_the_engine_rejects_become_error_rows(tmp_path, cluster):
         str(out),
         "--no-contact-sheet",
     ]
-    summary = run_job(*args, env=driver_of(cluster))
+    summary = run_job(*args, env=env)
     table = pq.read_table(out)
     assert table.num_rows == 4 and summary["errors_by_reason"] == {"engine rejected the request": 4}
     assert all("maximum context length" in e for e in table.column("error").to_pylist())

@@ -15,14 +15,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import MIXED_FOLDER_SKIPS, write_mixed_folder
+from conftest import BIN, MIXED_FOLDER_SKIPS, write_mixed_folder
 from PIL import Image, ImageChops, ImageDraw
 
 from helpers.output import OUTPUT_SCHEMA
 from helpers.show import GREY, draw_tile_text, tile_boxes
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 EXPECTED_REASONS = {
     "bad/empty.jpg": "empty file (0 bytes)",
@@ -138,7 +137,7 @@ def test_a_notebook_on_the_cluster_connects_with_the_smoke_preset(cluster):
         "started = init_ray(get_preset(True), log_to_driver=False, logging_level='WARNING')\n"
         "print('started a local cluster:', started, 'CPUs:', ray.cluster_resources()['CPU'])\n"
     )
-    env = {**env, "RAY_ADDRESS": env["GCS_ADDRESS"], "PYTHONPATH": str(ROOT)}
+    env = {**env, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "started a local cluster: False CPUs: 8.0" in proc.stdout
