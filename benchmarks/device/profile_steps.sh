@@ -16,8 +16,8 @@
 # pinned_steps.sh (its --label LABEL), killed DEADLINE_S (default 575) s after CALL_T0; a run with
 # under MIN_LEFT_S (default 200) s left is skipped; a run that stalls is stopped (watch, below).
 # The bench's JSON line and a py-spy summary (pyspy_summary.py) are printed.
-# Times seen (2026-12-04, N=30,000 at 48 tokens): a fresh machine's first run reached its first
-# caption at 303 s and needs about 400 s in all; later runs on the warm machine took 260-310 s.
+# At N=30,000 and 48 tokens a fresh machine's first run needs about 400 s (first caption near
+# 300 s), a later one on the warm machine 260-310 s: runs and times in benchmarks/README.md.
 K=$(cd "$(dirname "$0")" && pwd)
 source "$K/env.sh"
 OUT=${OUT:-/tmp/out}
@@ -77,8 +77,7 @@ sample() {  # sample LOG DIR MODE
       for kind in act gil idle; do
         [ $kind = idle ] && [[ " $cores $actors " != *" $pid "* ]] && continue
         flag=(); [ $kind = gil ] && flag=(--gil); [ $kind = idle ] && flag=(--idle)
-        # the binary, not the function: timeout runs programs only (the first profile's records
-        # failed so, 2026-12-04: "timeout: failed to run command 'pyspy'")
+        # the binary, not the pyspy function: timeout runs programs only
         timeout 40 $PYSPY record --pid "$pid" -d 10 -r 100 "${flag[@]}" --threads --nonblocking --format raw \
           -o "$d/rec-$kind-$pid.txt" > "$d/rec-$kind-$pid.log" 2>&1 &
       done
