@@ -14,15 +14,12 @@ t0=$(date +%s)
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
-# --no-compile: Python compiles each module on its first import instead. pip would compile all of
-# torch, vLLM, Ray and Jupyter up front (about a minute on 2 cores), most of it never imported.
-INSTALL="$PIP install -q --no-compile"
 # 1) CPU torch first, so nothing later pulls a CUDA build. Some machines (ours) serve
 #    torch==2.13.0+cpu from a local wheel; elsewhere it comes from PyTorch's CPU index.
-$INSTALL "torch==2.13.0+cpu" \
-  || $INSTALL --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
+$PIP install -q "torch==2.13.0+cpu" \
+  || $PIP install -q --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
 # 2) vLLM (CPU build) + Ray Data + Ray's llm-extra requirements, then notebook/test tooling.
-$INSTALL -r requirements-cpu.txt -r requirements-dev.txt
+$PIP install -q -r requirements-cpu.txt -r requirements-dev.txt
 # 3) MACHINE WORKAROUND (CPU only, never on the GPU path): PyPI's torchaudio/torchcodec/triton are
 #    CUDA builds; they fail to load next to torch+cpu and nothing on CPU needs them.
 $PIP uninstall -q -y torchaudio torchcodec triton || true
