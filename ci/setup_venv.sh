@@ -13,16 +13,26 @@ fi
 t0=$(date +%s)
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade pip
+# uv installs the same pins as pip would, about twice as fast on 2 cores: it unpacks from its
+# cache in parallel and compiles the modules in parallel (pip compiles one file after another, and
+# Python never writes them itself where PYTHONDONTWRITEBYTECODE is set, as on our machines).
+$PIP install -q uv==0.9.30
+UV=("$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --compile-bytecode)
+# pip's find-links (a machine's own wheel folder, as ours for torch+cpu) hold for uv too; uv
+# trusts the system's certificates as pip does.
+for links in ${PIP_FIND_LINKS:-} $($PIP config get global.find-links 2>/dev/null || true); do
+  UV+=(--find-links "$links")
+done
+export UV_NATIVE_TLS=1
 # 1) CPU torch first, so nothing later pulls a CUDA build. Some machines (ours) serve
 #    torch==2.13.0+cpu from a local wheel; elsewhere it comes from PyTorch's CPU index.
-$PIP install -q "torch==2.13.0+cpu" \
-  || $PIP install -q --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
+"${UV[@]}" "torch==2.13.0+cpu" \
+  || "${UV[@]}" --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
 # 2) vLLM (CPU build) + Ray Data + Ray's llm-extra requirements, then notebook/test tooling.
-$PIP install -q -r requirements-cpu.txt -r requirements-dev.txt
+"${UV[@]}" -r requirements-cpu.txt -r requirements-dev.txt
 # 3) MACHINE WORKAROUND (CPU only, never on the GPU path): PyPI's torchaudio/torchcodec/triton are
 #    CUDA builds; they fail to load next to torch+cpu and nothing on CPU needs them.
-$PIP uninstall -q -y torchaudio torchcodec triton || true
+"$VENV/bin/uv" pip uninstall -q --python "$VENV/bin/python" torchaudio torchcodec triton || true
 # 4) MACHINE WORKAROUND: transformers 5 imports torchvision for every video processor (Qwen2.5-VL's
 #    processor always builds one). PyPI's torchvision is a CUDA build; unless a matching CPU build
 #    imports, install a shim that lets its pure-python parts load. See ci/torchvision_cpu_shim.py.
