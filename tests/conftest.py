@@ -21,17 +21,15 @@ from helpers.presets import OFFLINE_ENV
 # The files whose tests use the session's running cluster (the `cluster` fixture): one worker
 # runs them all, so it starts once.
 SHARE_THE_CLUSTER = ("tests/test_bench.py", "tests/test_job.py", "tests/test_jobs_api.py")
-# The scopes the workers take first (in a fresh clone's make test: the fault chain about 450 s,
-# the cluster's files 400, test_pipeline 80, the notebook 150, test_data 40); the short ones
-# follow in xdist's order. A worker whose scope has 2 tests or fewer left takes the next at once,
-# so the one-test fault chain's worker starts with test_pipeline queued too, and the cluster's
-# worker takes the notebook after its own. Left to xdist, which orders by the number of tests,
-# the fault chain came last and ran alone at the end.
+# The scopes the workers take first, longest first (a fresh clone's make test: the cluster's files
+# about 500 s, the fault chain 380, the notebook 180, test_pipeline 80, test_data 40); the short
+# ones follow in xdist's order. Left to xdist, which orders by the number of tests, the one-test
+# fault chain came last and ran alone at the end.
 LONGEST_FIRST = (
-    "tests/test_faults.py",
     "cluster",
-    "tests/test_pipeline.py",
+    "tests/test_faults.py",
     "notebook",
+    "tests/test_pipeline.py",
     "tests/test_data.py",
 )
 BIN = Path(sys.executable).parent
