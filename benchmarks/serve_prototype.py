@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 "preset": preset.name,
             }
             records.append(record)
-            print(f"{name}: a row: {min(rows, key=lambda r: r['id'])}", file=sys.stderr)
+            note = " (random weights: its caption is meaningless)" if preset.model == "tiny" else ""
+            print(f"{name}: a row{note}: {min(rows, key=lambda r: r['id'])}", file=sys.stderr)
             print(json.dumps(record), flush=True)
         if args.out:
             with open(args.out, "a") as f:
