@@ -11,6 +11,12 @@ to the running deployment through a deployment handle, as OpenAI chat requests.
         .venv/bin/python benchmarks/serve_prototype.py --smoke [-n 16] [--scale-up-n 24] \
         [--max-tokens 16] [--replicas 1] [--out results.jsonl]
 
+On a GPU without the Hub, as bench_vision.py runs (the device kit's model folder, random weights,
+synthetic images, the GPU preset):
+
+    python benchmarks/serve_prototype.py --model /tmp/model/qwen25vl3b --dummy \
+        --synthetic-dir /tmp/sp_shards -n 4096 --scale-up-n 8192 --max-tokens 48 --replicas 2
+
 It prints one JSON line per run (and appends it to --out): images, seconds, images/s, seconds
 from ray.init to the deployment being ready, versions, max_tokens, replicas. Each run's input is
 read and materialized before its clock starts, so `seconds` is captioning only.
@@ -21,7 +27,7 @@ What it does not do yet:
 - avoid every per-run start-up: Ray Data still starts a new client actor (the Serve stage's
   `ServeDeploymentStageUDF`, which imports Ray Serve LLM) for each dataset; on the 2-core smoke
   run that was about 9 s of each run's 10 s before its first request reached the deployment;
-- tune the Serve path (max_ongoing_requests, client actors, batch size) or measure it on a GPU;
+- tune the Serve path (max_ongoing_requests, client actors, batch size); it has not run on a GPU;
 - send images cheaply: each travels as a base64 JPEG in its request, where the engine path
   hands vLLM a PIL image in the same process.
 Serve's HTTP proxy is off: the deployment is reached only through its handle.
@@ -38,6 +44,7 @@ import sys
 import time
 from functools import partial
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 APP_NAME = "captioning"
@@ -79,6 +86,7 @@ def serve_request(row: dict[str, Any], *, model_id: str, **preprocess_kwargs: An
             ],
             "max_tokens": sampling["max_tokens"],
             "temperature": sampling["temperature"],
+            "ignore_eos": bool(sampling.get("ignore_eos")),  # vLLM's extension of the chat request
             "stream": False,
         },
     }
@@ -113,6 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, help="default: the preset's")
     p.add_argument("--replicas", type=int, default=1, help="engine replicas of the deployment")
     p.add_argument("--out", help="append the JSON lines to this file")
+    p.add_argument("--model", help="model folder or id (default: the preset's)")
+    p.add_argument(
+        "--dummy",
+        action="store_true",
+        help='load_format="dummy" (random weights, real compute), and every request makes max_tokens '
+        "tokens (ignore_eos), as bench_vision.py --dummy",
+    )
+    p.add_argument(
+        "--synthetic-dir",
+        help="write distinct 225x225 JPEGs as WebDataset shards here (bench_vision.make_shards) and "
+        "caption those instead of the preset's dataset: a machine without the Hub",
+    )
     args = p.parse_args(argv)
 
     import ray
@@ -128,13 +148,22 @@ def main(argv: list[str] | None = None) -> int:
     from helpers.rows import finalize
 
     preset = get_preset(smoke_test=args.smoke or os.environ.get("SMOKE_TEST") == "1")
-    model_source = resolve_model(preset.model)
-    model_id = os.path.basename(model_source.rstrip("/")) if preset.model == "tiny" else preset.model
+    model = args.model or preset.model
+    model_source = resolve_model(model)
+    model_id = os.path.basename(model_source.rstrip("/")) if os.path.isdir(model_source) else model
+    engine_kwargs = {**preset.engine_kwargs, **({"load_format": "dummy"} if args.dummy else {})}
     max_tokens = args.max_tokens or preset.max_tokens
     runs = [
         ("first_run", args.n or preset.num_images),
         ("scale_up", args.scale_up_n or preset.scale_up_images),
     ]
+    dataset = preset.dataset
+    if args.synthetic_dir:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_vision import make_shards  # benchmarks/ is no package
+
+        os.makedirs(args.synthetic_dir, exist_ok=True)
+        dataset = make_shards(Path(args.synthetic_dir), max(n for _, n in runs))
 
     t0 = time.perf_counter()  # deployment_ready_s counts from ray.init, as the benchmarks do
     local = init_ray(preset)
@@ -144,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(proxy_location="Disabled")
         llm_config = LLMConfig(
             model_loading_config=ModelLoadingConfig(model_id=model_id, model_source=model_source),
-            engine_kwargs=preset.engine_kwargs,
+            engine_kwargs=engine_kwargs,
             accelerator_type=preset.accelerator_type,
             # A bundle without GPU makes LLMConfig infer a CPU deployment (CPUConfig, the "mp"
             # executor); None would default to one GPU per replica
@@ -173,17 +202,19 @@ def main(argv: list[str] | None = None) -> int:
         # final_only asks vLLM's engine for RequestOutputKind.FINAL_ONLY, a field a chat request
         # has no place for: with stream=False the deployment answers once per request anyway.
         request_kwargs = {**row_kwargs(preset, max_tokens=max_tokens), "final_only": False}
+        if args.dummy:
+            request_kwargs["ignore_eos"] = True
         processor = build_processor(
             config,
             preprocess=partial(serve_request, model_id=model_id, **request_kwargs),
-            postprocess=partial(serve_response, model=preset.model),
+            postprocess=partial(serve_response, model=model),
         )
         records = []
         for name, n in runs:
-            source = read_images(preset.dataset).limit(n).materialize()
+            source = read_images(dataset).limit(n).materialize()
             ids = [r["id"] for r in source.select_columns(["id"]).take_all()]
             start = time.perf_counter()
-            rows = processor(source).map(finalize, fn_kwargs={"model": preset.model}).take_all()
+            rows = processor(source).map(finalize, fn_kwargs={"model": model}).take_all()
             seconds = time.perf_counter() - start
             assert len(rows) == len(ids), f"{name}: {len(ids)} rows in, {len(rows)} out"
             assert sorted(r["id"] for r in rows) == sorted(ids), f"{name}: ids changed"
@@ -200,9 +231,12 @@ def main(argv: list[str] | None = None) -> int:
                 "max_tokens": max_tokens,
                 "replicas": args.replicas,
                 "preset": preset.name,
+                "model": model,
+                "dummy_weights": args.dummy,
             }
             records.append(record)
-            note = " (random weights: its caption is meaningless)" if preset.model == "tiny" else ""
+            random_weights = model == "tiny" or args.dummy
+            note = " (random weights: its caption is meaningless)" if random_weights else ""
             print(f"{name}: a row{note}: {min(rows, key=lambda r: r['id'])}", file=sys.stderr)
             print(json.dumps(record), flush=True)
         if args.out:
