@@ -21,10 +21,12 @@ from helpers.presets import OFFLINE_ENV
 # The files whose tests use the session's running cluster (the `cluster` fixture): one worker
 # runs them all, so it starts once.
 SHARE_THE_CLUSTER = ("tests/test_bench.py", "tests/test_job.py", "tests/test_jobs_api.py")
-# The scopes the workers take first, longest first (a fresh clone's make test: the cluster's files
-# about 500 s, the fault chain 380, the notebook 180, test_pipeline 80, test_data 40); the short
-# ones follow in xdist's order. Left to xdist, which orders by the number of tests, the one-test
-# fault chain came last and ran alone at the end.
+# The long scopes, which the workers take first in this order (a fresh clone's make test: the
+# cluster's files about 400 s, the fault chain 400-460, the notebook 100-150, test_pipeline 80,
+# test_data 40); the short ones follow in xdist's order. A worker whose scope has 2 tests or fewer
+# left takes the next at once, so the fault chain's worker runs the notebook after it, outside the
+# cluster's worker (nice 5: the notebook's local Ray must come up within Ray's fixed waits). Left to
+# xdist, which orders by the number of tests, the one-test fault chain came last and ran alone.
 LONGEST_FIRST = (
     "cluster",
     "tests/test_faults.py",
