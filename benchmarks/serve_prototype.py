@@ -25,8 +25,8 @@ What it does not do yet:
 - write captions or resume a run (the job's output and resume are not wired in);
 - scale the deployment between runs: `--replicas` is fixed for both runs;
 - avoid every per-run start-up: Ray Data still starts a new client actor (the Serve stage's
-  `ServeDeploymentStageUDF`, which imports Ray Serve LLM) for each dataset; on the 2-core smoke
-  run that was about 9 s of each run's 10 s before its first request reached the deployment;
+  `ServeDeploymentStageUDF`, which imports Ray Serve LLM) for each dataset: most of a small run's
+  time on CPU (benchmarks/README.md, "Persistent engines (#28)");
 - tune the Serve path (max_ongoing_requests, client actors, batch size); it has not run on a GPU;
 - send images cheaply: each travels as a base64 JPEG in its request, where the engine path
   hands vLLM a PIL image in the same process.

@@ -250,8 +250,8 @@ PRESETS: dict[str, Preset] = {
             **OFFLINE_ENV,
             "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache for vLLM's CPU backend
             # On CPU, vLLM otherwise runs the model in a worker process of its own beside the
-            # engine core; "0" runs it inside the engine core (one vLLM import and model load fewer
-            # per engine: about 16 CPU-s and 12 s of a 2-core machine's job run).
+            # engine core; "0" runs it inside the engine core: one vLLM import and model load fewer
+            # per engine (measured in benchmarks/README.md, "The offline preset on 2 cores").
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             "TOKENIZERS_PARALLELISM": "false",
             "VLLM_LOGGING_LEVEL": "WARNING",  # keep the notebook's output readable
