@@ -93,6 +93,12 @@ def parse_args(argv=None):
         "preset's choice; on --smoke it runs the GPU preset's output path with the tiny model)",
     )
     p.add_argument(
+        "--prepared-images",
+        action="store_true",
+        help="Preset.preparing_images: images resized to the patch grid (224) and named by a hash of "
+        "their pixels in the CPU stage, so vLLM's processor neither resizes nor hashes them",
+    )
+    p.add_argument(
         "--cumulative",
         action="store_true",
         help="the engine's default output (an update per token, engine-side detokenize), for comparison",
@@ -177,6 +183,8 @@ def settings(args, run: str):
     preset = get_preset(args.smoke)
     if args.replicas_per_gpu and run != "original":
         preset = preset.sharing_gpus(args.replicas_per_gpu)
+    if args.prepared_images and run != "original":
+        preset = preset.preparing_images()
     # One level deep, so a variant that sets one compilation_config key keeps the preset's others.
     engine_kwargs = merge_engine_kwargs(preset.engine_kwargs, args.engine_kwargs)
     batch_size, concurrency = args.batch_size or preset.batch_size, args.concurrency or preset.concurrency
@@ -334,11 +342,16 @@ def run_engine_async(args, shards: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model)
     requests = []  # decoded and resized before the clock starts: the engine's work only
     for row in read_rows(shards):
-        messages = preprocess(row, image_size=preset.image_size, final_only=False)["messages"]
-        image = messages[1]["content"][0]["image_pil"]
+        messages = preprocess(
+            row, image_size=preset.image_size, final_only=False, image_uuid=preset.prepared_images
+        )["messages"]
+        part = messages[1]["content"][0]
         messages[1]["content"][0] = {"type": "image"}
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        requests.append({"prompt": prompt, "multi_modal_data": {"image": image}})
+        request = {"prompt": prompt, "multi_modal_data": {"image": part["image_pil"]}}
+        if "uuid" in part:  # as Ray Data LLM's prepare stage passes it on
+            request["multi_modal_uuids"] = {"image": [part["uuid"]]}
+        requests.append(request)
     params = SamplingParams(
         temperature=preset.temperature,
         max_tokens=args.max_tokens,
@@ -407,7 +420,10 @@ def run_engine(args, shards: str) -> dict:
     os.environ.update(preset.env_vars)
     rows = read_rows(shards)
     t0 = phase("t0")
-    requests = [preprocess(r, image_size=preset.image_size, final_only=False) for r in rows]
+    requests = [
+        preprocess(r, image_size=preset.image_size, final_only=False, image_uuid=preset.prepared_images)
+        for r in rows
+    ]
     llm = LLM(model=resolve_model(args.model or preset.model), **preset.engine_kwargs)
     started = time.time()
     params = SamplingParams(temperature=preset.temperature, max_tokens=args.max_tokens, ignore_eos=True)
@@ -423,7 +439,11 @@ def run_engine(args, shards: str) -> dict:
         "steady_s": done - started,
         "e2e_s": done - t0,
         "tokens": tokens,
-        "settings": {"engine_kwargs": preset.engine_kwargs},
+        "settings": {
+            "engine_kwargs": preset.engine_kwargs,
+            "image_size": preset.image_size,
+            "prepared_images": preset.prepared_images,
+        },
     }
 
 
@@ -504,6 +524,8 @@ def run_pipeline(args, shards: str, run: str) -> dict:
             # Ray Data's task is a block: the cap above holds this many rows per task.
             "rows_per_block": preset.rows_per_block,
             "separate_tokenizer_stages": preset.separate_tokenizer_stages,
+            "image_size": preset.image_size,
+            "prepared_images": preset.prepared_images,
             "placement_group_config": preset.placement_group_config,
             "env_vars": preset.env_vars,
             **out,

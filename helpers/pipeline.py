@@ -62,6 +62,7 @@ def row_kwargs(preset: Preset, *, max_tokens: int | None = None) -> dict[str, An
         "max_tokens": max_tokens or preset.max_tokens,
         "final_only": True,
         "detokenize": not preset.separate_tokenizer_stages,
+        "image_uuid": preset.prepared_images,
     }
 
 

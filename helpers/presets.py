@@ -17,6 +17,7 @@ from typing import Any
 
 import helpers
 from helpers.data import SAMPLE_SHARDS
+from helpers.rows import PATCH_GRID
 
 # The GPU memory that the GPU preset's replicas sharing one GPU need: both together peaked at 80-84
 # GiB on an H200 (141 GB, 140 GiB), more than an 80 GB GPU holds; 94 and 96 GB GPUs are untried.
@@ -62,6 +63,31 @@ class Preset:
     separate_tokenizer_stages: bool = True
     ray_init_kwargs: dict[str, Any] = field(default_factory=dict)  # for a local start only
     env_vars: dict[str, str] = field(default_factory=dict)
+    # The CPU stage hands the engine each image ready for the vision tower's patch grid, and named
+    # by a hash of its pixels: vLLM's processor then neither resizes nor hashes it on the engine
+    # actor's thread, where it prepares every request. Set by `preparing_images`.
+    prepared_images: bool = False
+
+    def __post_init__(self):
+        if self.prepared_images and (self.image_size % PATCH_GRID or self.image_size < PATCH_GRID):
+            raise ValueError(
+                f"prepared images must be a multiple of {PATCH_GRID} pixels on a side (the patch grid), "
+                f"not {self.image_size}: vLLM's processor no longer resizes them"
+            )
+
+    def preparing_images(self, image_size: int | None = None) -> Preset:
+        """This preset with its images prepared in the CPU stage (`prepared_images`): resized to
+        `image_size` (default: the preset's, rounded down to the patch grid, 225 -> 224, the
+        same 64 image tokens), named by `rows.pixel_uuid`, and `do_resize: False` for vLLM's
+        processor."""
+        size = image_size or self.image_size // PATCH_GRID * PATCH_GRID
+        mm_kwargs = {**self.engine_kwargs.get("mm_processor_kwargs", {}), "do_resize": False}
+        return replace(
+            self,
+            image_size=size,
+            prepared_images=True,
+            engine_kwargs={**self.engine_kwargs, "mm_processor_kwargs": mm_kwargs},
+        )
 
     def replica_tasks_in_flight(
         self,

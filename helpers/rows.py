@@ -11,6 +11,7 @@ That keeps the pipeline a single pass with no filter that could drop rows.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from typing import Any
 
@@ -24,6 +25,9 @@ INSTRUCTION = "Write a caption for this image."
 IMAGE_SIZE = 225  # pixels per side: 64 image tokens for Qwen2.5-VL, a fixed cost per image
 MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused before decoding (decompression bombs)
 PLACEHOLDER_SIZE = 28  # the smallest image Qwen2.5-VL accepts: one image token
+# Qwen2.5-VL's patch grid: 14-pixel patches merged 2x2. vLLM's processor resizes every image to a
+# multiple of it (225 -> 224); an image that is one already can skip that step (Preset.prepared_images).
+PATCH_GRID = 28
 
 # Never let Pillow guess at truncated data: a truncated file is an error row, not a grey caption.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -97,6 +101,7 @@ def preprocess(
     ignore_eos: bool = False,
     final_only: bool = True,
     detokenize: bool = True,
+    image_uuid: bool = False,
 ) -> dict[str, Any]:
     """Turn an `{"id", "image_bytes", "read_error"}` row into a chat request for the engine.
 
@@ -110,6 +115,10 @@ def preprocess(
     cumulative update of every request at every token, which keeps the engine actor's event loop
     (where vLLM also prepares the images) busy. `detokenize=False` leaves the text to Ray Data
     LLM's own detokenize stage: set it only when that stage is enabled.
+
+    `image_uuid` names the image by a hash of its pixels (`pixel_uuid`), which vLLM then uses
+    as the image's cache and prefix-cache key instead of hashing the pixels itself on the engine
+    actor's thread (Preset.prepared_images).
     """
     try:
         if row.get("read_error"):
@@ -132,6 +141,9 @@ def preprocess(
         sampling_params["output_kind"] = RequestOutputKind.FINAL_ONLY
     if not detokenize:
         sampling_params["detokenize"] = False
+    image_part: dict[str, Any] = {"type": "image_pil", "image_pil": image}
+    if image_uuid:
+        image_part["uuid"] = pixel_uuid(image)
     return {
         "id": row["id"],
         "decode_error": decode_error,
@@ -141,13 +153,23 @@ def preprocess(
             {
                 "role": "user",
                 "content": [
-                    {"type": "image_pil", "image_pil": image},
+                    image_part,
                     {"type": "text", "text": instruction},
                 ],
             },
         ],
         "sampling_params": sampling_params,
     }
+
+
+def pixel_uuid(image: Image.Image) -> str:
+    """A name for exactly these pixels: a BLAKE2b hash of the mode, the size and the pixel bytes.
+    vLLM trusts a uuid as the image's identity (its processor cache and prefix cache reuse what
+    they hold under it), so it must be derived from the pixels, never from a row's id, which a
+    user's data may repeat for different images."""
+    digest = hashlib.blake2b(f"{image.mode}:{image.width}x{image.height}:".encode(), digest_size=16)
+    digest.update(image.tobytes())
+    return "px-" + digest.hexdigest()
 
 
 OUTPUT_COLUMNS = ("id", "caption", "error", "num_input_tokens", "num_generated_tokens", "model")

@@ -1,6 +1,7 @@
 """The benchmark script runs (CPU, tiny model, toy size) so it can't rot between GPU sessions."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,9 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
         # The GPU preset's output path with the tiny model: Ray Data LLM tokenizes and detokenizes
         # in its own stages, and the engine returns each request once, finished, not detokenized.
         "--separate-tokenizer-stages",
+        # The lever of images prepared in the CPU stage (on the patch grid, named by their pixels'
+        # hash): the engine must take them as they come, without its resize.
+        "--prepared-images",
     ]
     # The Ray runs connect to the session's running cluster, as h200_x2.sh's runs share one.
     _, env = cluster
@@ -115,6 +119,10 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
     assert pipeline["engine_kwargs"]["limit_mm_per_prompt"] == {"image": 1, "video": 0}  # merged key by key
     assert original["placement_group_config"] == {"bundle_per_worker": {"CPU": 1}}  # the tutorial's
     assert pipeline["env_vars"]["BENCH_ENV_MARK"] == "1"  # recorded with the run it changed
+    for r in records[:3]:  # prepared, and so recorded; the tutorial's settings not
+        assert r["settings"]["engine_kwargs"]["mm_processor_kwargs"]["do_resize"] is False, r["run"]
+    assert pipeline["prepared_images"] is True and pipeline["image_size"] == 224
+    assert original["prepared_images"] is False and original["image_size"] == 225
     # Recorded, and what the engine actor used (its own log line); the original keeps Ray's default.
     assert pipeline["max_pending_requests"] == 12 and original["max_pending_requests"] is None
     assert pipeline["ray_address"] == original["ray_address"] == env["RAY_ADDRESS"]
@@ -125,3 +133,24 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
     assert pipeline["rows_per_block"] == original["rows_per_block"] == 8  # a cap's task is a block
     log = (tmp_path / "work" / "logs" / "pipeline-0.log").read_text()
     assert "Max pending requests is set to 12" in log
+
+
+# The renderer benchmark's variants must differ only in where the work is done: each gives vLLM's
+# real processor (the tiny model's, with the GPU preset's image settings) the same prompt, and an
+# undecodable row's placeholder passes each, as bench_render.py's figures assume.
+def test_render_bench_variants_give_the_engine_the_same_prompt(tmp_path):
+    out = tmp_path / "render.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_render.py"), "--smoke", "--modes", "inputs"]
+    cmd += ["--rounds", "1", "--per-round", "2", "--out", str(out)]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert set(record["variants"]) == {"preset", "resized", "named", "prepared"}
+    assert all(v["ms_per_request"] > 0 and len(v["rounds"]) == 1 for v in record["variants"].values())
+    tokens, placeholder = record["prompt_tokens"], record["placeholder_prompt_tokens"]
+    assert len(set(tokens.values())) == 1, tokens
+    # The placeholder: vLLM's resize takes it up to the processor's minimum, 56x56 (4 image tokens);
+    # left on the grid at 28x28 it is one. The image: 64.
+    assert [tokens[v] - placeholder[v] for v in ("preset", "named")] == [60, 60], placeholder
+    assert [tokens[v] - placeholder[v] for v in ("resized", "prepared")] == [63, 63], placeholder

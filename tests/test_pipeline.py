@@ -143,6 +143,28 @@ def test_engine_replicas_that_share_a_gpu_ask_for_their_share_and_a_fixed_kv_cac
         get_preset(smoke_test=True).sharing_gpus(2)
 
 
+# Config only; the engine runs it in test_bench.py's smoke run (--prepared-images). vLLM's processor
+# refuses an image off the patch grid once it no longer resizes (225x225: "Failed to apply
+# Qwen2_5_VLProcessor"), so the preset must not let one through.
+def test_preparing_images_puts_them_on_the_patch_grid_and_turns_the_engines_resize_off():
+    for base in (get_preset(smoke_test=False), get_preset(smoke_test=True)):
+        assert base.prepared_images is False and row_kwargs(base)["image_uuid"] is False
+        prepared = base.preparing_images()
+        assert prepared.image_size == 224 and prepared.prepared_images is True  # 225 -> 224
+        assert row_kwargs(prepared)["image_uuid"] is True and row_kwargs(prepared)["image_size"] == 224
+        mm_kwargs = prepared.engine_kwargs["mm_processor_kwargs"]
+        assert mm_kwargs["do_resize"] is False
+        assert {k: v for k, v in mm_kwargs.items() if k != "do_resize"} == base.engine_kwargs.get(
+            "mm_processor_kwargs", {}
+        )  # the preset's own processor settings kept
+        config = processor_config(prepared, resolve_model("tiny"))
+        assert config.engine_kwargs["mm_processor_kwargs"]["do_resize"] is False
+        assert "do_resize" not in base.engine_kwargs.get("mm_processor_kwargs", {})  # base untouched
+    assert get_preset(smoke_test=False).preparing_images(112).image_size == 112
+    with pytest.raises(ValueError, match="multiple of 28"):
+        get_preset(smoke_test=False).preparing_images(225)
+
+
 # Ray Data for real, a replica coming up after the other: the engine stage's compute and concurrency
 # as processor_config sets them. "blocks": blocks of several batches (a target of 32 rows; Ray cut
 # blocks of 16 from this range). With a cap of max_concurrent_batches tasks (one that doesn't

@@ -15,6 +15,7 @@ from helpers.rows import (
     ImageDecodeError,
     decode_image,
     finalize,
+    pixel_uuid,
     postprocess,
     preprocess,
 )
@@ -108,6 +109,25 @@ def test_preprocess_turns_a_bad_image_into_a_one_token_placeholder():
     assert out["decode_error"] == "empty file (0 bytes)"
     assert out["sampling_params"]["max_tokens"] == 1
     assert out["messages"][1]["content"][0]["image_pil"].size == (28, 28)
+
+
+# vLLM takes an image part's uuid as the image's identity: its processor cache and its prefix cache
+# hand back what they hold under that name. So the name must follow the pixels, never the row.
+def test_image_uuid_names_the_pixels_not_the_row():
+    def part(row_id, image, **kwargs):
+        row = {"id": row_id, "image_bytes": encode(image, "PNG")}
+        return preprocess(row, image_size=224, **kwargs)["messages"][1]["content"][0]
+
+    blue, red = Image.new("RGB", (300, 200), "blue"), Image.new("RGB", (300, 200), "blue")
+    red.putpixel((150, 100), (255, 0, 0))  # one pixel apart
+    named = part("a", blue, image_uuid=True)
+    assert named["uuid"] == pixel_uuid(named["image_pil"]) and named["uuid"].startswith("px-")
+    assert part("b", blue, image_uuid=True)["uuid"] == named["uuid"]  # another row, the same pixels
+    assert part("a", red, image_uuid=True)["uuid"] != named["uuid"]  # the same id, other pixels
+    assert pixel_uuid(Image.new("RGB", (224, 224))) != pixel_uuid(Image.new("RGB", (112, 448)))
+    assert "uuid" not in part("a", blue)  # off by default: vLLM hashes the pixels itself
+    placeholder = preprocess({"id": "c", "image_bytes": b""}, image_uuid=True)["messages"][1]["content"][0]
+    assert placeholder["uuid"] == pixel_uuid(Image.new("RGB", (28, 28)))
 
 
 def test_postprocess_keeps_text_only():
