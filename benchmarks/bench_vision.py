@@ -475,6 +475,9 @@ def run_pipeline(args, shards: str, run: str) -> dict:
     out = output_settings(args, preset, run)
     kwargs = {**row_kwargs(preset), **out, "ignore_eos": True}
     processor = build_caption_processor(config, model_name=model_name, **kwargs)
+    # Ray Data LLM's build_processor imports vLLM in the driver and waits on its telemetry actor
+    # before any stage starts: on the critical path of every run.
+    phase("processor_built")
     ds = read_images(shards).repartition(target_num_rows_per_block=preset.rows_per_block)
     ds = caption(ds, processor, model_name=model_name)
     first, first_rows = None, 0
@@ -649,7 +652,7 @@ def startup_breakdown(lines: list[tuple[float, str]]) -> dict:
             stats.append([float(x) if x is not None else None for x in m.groups()])
     if batch_starts:
         found["first_batch_in"] = min(batch_starts)  # when the engine's first batch arrived
-    for name in ("ray_up", "first_output"):
+    for name in ("ray_up", "processor_built", "first_output"):
         if name in marks:
             found[name] = marks[name]
     breakdown = dict(sorted(((k, round(v - t0, 1)) for k, v in found.items()), key=lambda kv: kv[1]))

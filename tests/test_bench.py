@@ -131,6 +131,11 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
     in_flight = "max_tasks_in_flight_per_actor"
     assert pipeline[in_flight] == 1 and original[in_flight] is None
     assert pipeline["rows_per_block"] == original["rows_per_block"] == 8  # a cap's task is a block
+    # The start-up's phases in the order they happen, the driver's processor build among them.
+    phases = records[2]["startup_breakdown"]
+    assert (
+        phases["ray_up"] <= phases["processor_built"] <= phases["dataset_started"] <= phases["first_output"]
+    )
     log = (tmp_path / "work" / "logs" / "pipeline-0.log").read_text()
     assert "Max pending requests is set to 12" in log
 
