@@ -108,21 +108,26 @@ def requests(
     tokenizer, rows: list[dict], image_size: int, named: bool, mm_kwargs: dict | None = None
 ) -> list[dict]:
     """The rows as requests, as the engine stage gets them from the pipeline's CPU stages."""
-    from helpers.rows import preprocess
+    import bench_vision
 
-    out = []
-    for row in rows:
-        messages = preprocess(row, image_size=image_size, image_uuid=named)["messages"]
-        part = messages[1]["content"][0]
-        messages[1]["content"][0] = {"type": "image"}
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        request = {"prompt": text, "multi_modal_data": {"image": part["image_pil"]}}
-        if "uuid" in part:
-            request["multi_modal_uuids"] = {"image": [part["uuid"]]}
-        if mm_kwargs:
-            request["mm_processor_kwargs"] = mm_kwargs
-        out.append(request)
-    return out
+    extra = {"mm_processor_kwargs": mm_kwargs} if mm_kwargs else {}
+    return [
+        {**bench_vision.engine_request(tokenizer, row, image_size=image_size, named=named), **extra}
+        for row in rows
+    ]
+
+
+def medians(rounds: dict, value: str, ratio: str, *, digits: int) -> dict:
+    """{variant: {value: median of its rounds, ratio: that over the first variant's, "rounds"}}."""
+    base = statistics.median(next(iter(rounds.values())))
+    return {
+        name: {
+            value: round(statistics.median(v), digits),
+            ratio: round(statistics.median(v) / base, 3),
+            "rounds": v,
+        }
+        for name, v in rounds.items()
+    }
 
 
 def measure_inputs(args) -> dict:
@@ -157,19 +162,11 @@ def measure_inputs(args) -> dict:
             for i, request in enumerate(batch):
                 processor.process_inputs(f"{name}-{r}-{i}", request, params, supported_tasks=("generate",))
             ms[name].append(round((time.perf_counter() - t) / len(batch) * 1000, 4))
-    base = statistics.median(ms["preset"])
     return {
         "mode": "inputs",
         "prompt_tokens": tokens,  # the same for every variant: the same 64 image tokens
         "placeholder_prompt_tokens": placeholder_tokens,
-        "variants": {
-            name: {
-                "ms_per_request": round(statistics.median(v), 3),
-                "vs_preset": round(statistics.median(v) / base, 3),
-                "rounds": v,
-            }
-            for name, v in ms.items()
-        },
+        "variants": medians(ms, "ms_per_request", "vs_preset", digits=3),
     }
 
 
@@ -260,18 +257,7 @@ def measure_pool(args) -> dict:
             if proc.returncode or not lines:
                 raise RuntimeError(f"pool run with {w} workers failed:\n{proc.stderr[-3000:]}")
             runs[w].extend(json.loads(lines[-1][5:])["requests_per_s"])
-    base = statistics.median(runs[workers[0]])
-    return {
-        "mode": "pool",
-        "variants": {
-            w: {
-                "requests_per_s": round(statistics.median(v), 1),
-                "vs_first": round(statistics.median(v) / base, 3),
-                "rounds": v,
-            }
-            for w, v in runs.items()
-        },
-    }
+    return {"mode": "pool", "variants": medians(runs, "requests_per_s", "vs_first", digits=1)}
 
 
 def main(args) -> None:

@@ -332,6 +332,22 @@ def output_settings(args, preset, run: str) -> dict:
     return {"final_only": kwargs["final_only"], "detokenize": kwargs["detokenize"]}
 
 
+def engine_request(tokenizer, row: dict, *, image_size: int, named: bool) -> dict:
+    """A row as AsyncLLM gets it from the pipeline's CPU stages: helpers.rows.preprocess, the chat
+    template as text, the image, and its uuid where preprocess named it (Ray Data LLM's prepare
+    stage passes it on as `multi_modal_uuids`)."""
+    from helpers.rows import preprocess
+
+    messages = preprocess(row, image_size=image_size, final_only=False, image_uuid=named)["messages"]
+    part = messages[1]["content"][0]
+    messages[1]["content"][0] = {"type": "image"}
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    request = {"prompt": prompt, "multi_modal_data": {"image": part["image_pil"]}}
+    if "uuid" in part:
+        request["multi_modal_uuids"] = {"image": [part["uuid"]]}
+    return request
+
+
 def run_engine_async(args, shards: str) -> dict:
     """vLLM's AsyncLLM alone, fed like Ray Data LLM feeds it: batch_size x max_concurrent_batches
     requests in flight, the same prompt, images, sampling and output settings as the pipeline."""
@@ -344,25 +360,17 @@ def run_engine_async(args, shards: str) -> dict:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from helpers.presets import resolve_model
-    from helpers.rows import preprocess
 
     preset, batch_size, _ = settings(args, "engine_async")
     os.environ.update(preset.env_vars)
     model = resolve_model(args.model or preset.model)
     out = output_settings(args, preset, "engine_async")
     tokenizer = AutoTokenizer.from_pretrained(model)
-    requests = []  # decoded and resized before the clock starts: the engine's work only
-    for row in read_rows(shards):
-        messages = preprocess(
-            row, image_size=preset.image_size, final_only=False, image_uuid=preset.prepared_images
-        )["messages"]
-        part = messages[1]["content"][0]
-        messages[1]["content"][0] = {"type": "image"}
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        request = {"prompt": prompt, "multi_modal_data": {"image": part["image_pil"]}}
-        if "uuid" in part:  # as Ray Data LLM's prepare stage passes it on
-            request["multi_modal_uuids"] = {"image": [part["uuid"]]}
-        requests.append(request)
+    # Decoded and resized before the clock starts: the engine's work only.
+    requests = [
+        engine_request(tokenizer, row, image_size=preset.image_size, named=preset.prepared_images)
+        for row in read_rows(shards)
+    ]
     params = SamplingParams(
         temperature=preset.temperature,
         max_tokens=args.max_tokens,
