@@ -65,8 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--replicas-per-gpu",
         type=positive,
-        help="engine replicas on each GPU (GPU preset: 2 where the driver's machine has GPUs of 100 GiB "
-        "or more, else 1)",
+        help="engine replicas on each GPU (GPU preset: 3 where the driver's machine has GPUs of 120 GiB "
+        "or more, 2 from 100 GiB, else 1)",
     )
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--rows-per-block", type=int, help="rows per block of the streaming repartition")

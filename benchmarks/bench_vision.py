@@ -5,7 +5,7 @@
 
 Runs, each in its own process so each starts a fresh engine and frees its memory:
   engine    vLLM `LLM.chat` alone, with the GPU preset's engine settings, those of one of its
-            two replicas per GPU, on a GPU of its own (it prepares every
+            replicas per GPU, on a GPU of its own (it prepares every
             image before it generates: the offline API as written)
   engine_async  vLLM's AsyncLLM alone, the same settings, fed the way Ray Data LLM feeds it
             (the same number of requests in flight, each returned once finished): what the
@@ -78,13 +78,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--placement-group-config",
         type=json.loads,
-        help='JSON, e.g. {"bundle_per_worker": {"GPU": 0.5, "CPU": 1}}: two engine replicas per GPU',
+        help='JSON, e.g. {"bundle_per_worker": {"GPU": 0.5, "CPU": 1}}: two engine replicas per GPU '
+        "(without the memory settings that go with it: --replicas-per-gpu)",
     )
     p.add_argument(
         "--replicas-per-gpu",
         type=positive,
         help="Preset.sharing_gpus: engine replicas per GPU with their memory settings (1: vLLM sizes "
-        "the KV cache; the GPU preset runs 2)",
+        "the KV cache; the GPU preset runs 3)",
     )
     p.add_argument(
         "--separate-tokenizer-stages",
@@ -260,9 +261,11 @@ def first_wave_rows(
     batches its engine stage works on), capped by `max_pending_requests` (requests the engine
     holds, running and queued; Ray's default, 1.1 x max_num_seqs, never binds) and by the tasks
     Ray Data hands a replica (`max_tasks_in_flight_per_actor` x rows per task). The GPU preset
-    runs 2 replicas of 2,048 sequences (its cap, 4,096 pending, is larger): 4,096 rows. The
+    runs 3 replicas of 2,048 sequences (its cap, 4,096 pending, is larger): 6,144 rows. The
     original tutorial's settings leave max_num_seqs at vLLM's default (128) and let 16 x 8 = 128
-    rows in: 128 rows. The KV cache is not counted: the preset's holds every sequence it runs.
+    rows in: 128 rows. The KV cache is not counted. At 48-token captions the preset's holds every
+    sequence it runs; at 256 tokens three replicas' caches run about 1,300 each, so fewer rows
+    come out in the first burst and the window starts later than it could: the rate errs low.
     """
     cap = batch_size * max_concurrent_batches
     if max_pending_requests:

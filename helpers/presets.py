@@ -19,9 +19,10 @@ import helpers
 from helpers.data import SAMPLE_SHARDS
 from helpers.rows import PATCH_GRID
 
-# The GPU memory that the GPU preset's replicas sharing one GPU need: both together peaked at 80-84
-# GiB on an H200 (141 GB, 140 GiB), more than an 80 GB GPU holds; 94 and 96 GB GPUs are untried.
-SHARED_GPU_MIN_BYTES = 100 * 2**30
+# The GPU memory that n engine replicas of the GPU preset sharing one GPU need, by n: on an H200
+# (141 GB, 140 GiB) three together peaked at 95-96 GiB and two at 80-84 GiB, more than an 80 GB GPU
+# holds; 94 and 96 GB GPUs are untried. A smaller GPU runs fewer (replicas_per_gpu_for).
+SHARED_GPU_MIN_BYTES = {2: 100 * 2**30, 3: 120 * 2**30}
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -44,7 +45,7 @@ class Preset:
     # replica_tasks_in_flight).
     rows_per_block: int
     batch_size: int  # rows per engine call
-    concurrency: int  # engine replicas (the GPU preset: two per GPU of 100 GiB, placement_group_config)
+    concurrency: int  # engine replicas (the GPU preset: three per GPU of 120 GiB, placement_group_config)
     max_tokens: int
     scale_up_images: int  # the "scale up" section's size
     scale_up_concurrency: int
@@ -106,8 +107,8 @@ class Preset:
         `blocks` for a repartition into a number of blocks. So the cap counts rows, not tasks: with
         Ray Data's default (2 x `max_concurrent_batches` tasks) the replica that is up first can
         take every row of a run, and Ray Data then shuts the others down, idle. The notebook's
-        first run on the GPU preset (10,000 images in 64 blocks of 157 rows, two replicas) gets 31
-        tasks per replica; the last 2 blocks go to whichever finishes first. The share rounds
+        first run on the GPU preset (10,000 images in 64 blocks of 157 rows, three replicas) gets 21
+        tasks per replica; the last block goes to whichever finishes first. The share rounds
         down, so that with more replicas none is left without a block. `replicas` defaults to
         `concurrency`.
         """
@@ -171,13 +172,16 @@ class Preset:
         )
 
     def replicas_per_gpu_for(self, gpu_bytes: int | None) -> int:
-        """The engine replicas per GPU that a GPU of `gpu_bytes` holds: the preset's where it has
-        `SHARED_GPU_MIN_BYTES` (100 GiB) or more (the GPU preset's two engines peaked at 80-84 GiB
-        together on an H200), else one; one where the size is unknown (`None`: no GPU on this
-        machine, such as a cluster's CPU head node), as one always fits."""
-        if self.replicas_per_gpu > 1 and gpu_bytes is not None and gpu_bytes >= SHARED_GPU_MIN_BYTES:
-            return self.replicas_per_gpu
-        return 1
+        """The engine replicas per GPU that a GPU of `gpu_bytes` holds: the most, up to the
+        preset's, whose `SHARED_GPU_MIN_BYTES` it has (the GPU preset: 3 from 120 GiB, 2 from 100
+        GiB), else one; one where the size is unknown (`None`: no GPU on this machine, such as a
+        cluster's CPU head node), as one always fits."""
+        if gpu_bytes is None:
+            return 1
+        fits = [
+            n for n, need in SHARED_GPU_MIN_BYTES.items() if n <= self.replicas_per_gpu and gpu_bytes >= need
+        ]
+        return max(fits, default=1)
 
     def runtime_env(self) -> dict[str, Any]:
         """For `ray.init`: ship `helpers` and the preset's environment to every Ray worker."""
@@ -196,10 +200,11 @@ PRESETS: dict[str, Preset] = {
         # every row of a 12,288-image run).
         rows_per_block=64,
         batch_size=64,
-        # Two engine replicas per GPU (placement_group_config), each with its own engine-core
-        # process: one engine's scheduling thread can't keep an H200 busy. 1.58x one engine of
-        # 4,096 sequences (benchmarks/README.md).
-        concurrency=2,
+        # Three engine replicas per GPU (placement_group_config), each with its own engine actor and
+        # engine-core process: the threads of one or two engines can't keep an H200 busy at short
+        # captions. Two were 1.58x one engine of 4,096 sequences; three are 1.14x two at 48-token
+        # captions and not slower at 256 (benchmarks/README.md).
+        concurrency=3,
         max_tokens=256,
         # 6,144 rows in each replica's engine stage, 4,096 of them inside its engine: 2,048 running
         # and up to 2,048 prepared and queued, so images are ready when a wave of requests
@@ -207,7 +212,7 @@ PRESETS: dict[str, Preset] = {
         max_concurrent_batches=96,
         max_pending_requests=4096,
         scale_up_images=1_000_000,
-        scale_up_concurrency=8,  # 4 GPUs
+        scale_up_concurrency=12,  # 4 GPUs
         # Tuned on one H200, each step side by side with the one before (benchmarks/README.md).
         engine_kwargs={
             "max_model_len": 4096,
@@ -220,17 +225,17 @@ PRESETS: dict[str, Preset] = {
                 + [1024, 1280, 1536, 1792, 2048]
             },
             "enable_prefix_caching": True,  # every request shares the system prompt
-            # Two engines on one GPU: each gets a fixed KV cache. Sized by a fraction of the GPU
-            # instead, both engines measure their memory at once, each counts the other's as its
-            # own, and the second finds none left for its cache. Both engines together peak at
-            # about 84 GiB; a GPU under 100 GiB runs one replica (replicas_per_gpu_for).
-            "gpu_memory_utilization": 0.45,
-            "kv_cache_memory_bytes": 28 * 2**30,
+            # Engines that share a GPU each get a fixed KV cache, a third of 56 GiB. Sized by a
+            # fraction of the GPU instead, the engines measure their memory at once, each counts
+            # the others' as its own, and the last finds none left for its cache. The three
+            # together peak at about 96 GiB; a GPU under 120 GiB runs fewer (replicas_per_gpu_for).
+            "gpu_memory_utilization": 0.3,
+            "kv_cache_memory_bytes": 56 * 2**30 // 3,
             "limit_mm_per_prompt": {"image": 1, "video": 0},
             # 225x225 rounds to 224x224: at most 64 image tokens, whatever the input size.
             "mm_processor_kwargs": {"max_pixels": 224 * 224},
         },
-        placement_group_config={"bundle_per_worker": {"GPU": 0.5, "CPU": 1}},
+        placement_group_config={"bundle_per_worker": {"GPU": 1 / 3, "CPU": 1}},
         # vLLM's compile cache (torch.compile and Triton kernels) where every node of the cluster
         # finds it: on Anyscale /mnt/cluster_storage, so a new node starts warm (about 45 s less
         # start-up on an H200; benchmarks/README.md). Elsewhere vLLM keeps it in

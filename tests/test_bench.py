@@ -62,8 +62,8 @@ def test_bench_images_stay_distinct_past_the_colour_and_square_period(tmp_path):
 
 def test_first_wave_is_what_the_engines_run_at_once():
     gpu = get_preset(False)
-    # The GPU preset: 2 replicas of max_num_seqs 2,048; Ray Data lets 4,096 in (max_pending_requests).
-    assert gpu.concurrency == 2 and gpu.engine_kwargs["max_num_seqs"] == 2048
+    # The GPU preset: 3 replicas of max_num_seqs 2,048; Ray Data lets 4,096 in (max_pending_requests).
+    assert gpu.concurrency == 3 and gpu.engine_kwargs["max_num_seqs"] == 2048
     preset = dict(
         batch_size=gpu.batch_size,
         max_concurrent_batches=gpu.max_concurrent_batches,
@@ -71,6 +71,7 @@ def test_first_wave_is_what_the_engines_run_at_once():
         tasks_in_flight=gpu.replica_tasks_in_flight(rows=30_000),
         rows_per_task=gpu.rows_per_block,
     )
+    assert bench_vision.first_wave_rows(2048, replicas=3, **preset) == 6144
     assert bench_vision.first_wave_rows(2048, replicas=2, **preset) == 4096
     # A smaller Ray Data cap binds: 64 rows x 16 batches per replica.
     assert bench_vision.first_wave_rows(2048, replicas=2, **{**preset, "max_concurrent_batches": 16}) == 2048

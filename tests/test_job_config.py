@@ -21,8 +21,8 @@ def test_job_yaml_is_a_valid_anyscale_job_config():
     assert (program, script) == ("python", "batch_inference_vision.py")
     parsed = parse_args(args)  # the job would accept its entrypoint's options
     assert parsed.output.startswith("/mnt/cluster_storage/") and parsed.limit == 10_000
-    # The example's 48 GB GPUs hold one engine replica each, not the preset's two with their fixed
-    # 28 GiB KV caches: vLLM sizes the one replica's cache from the GPU's memory.
+    # The example's 48 GB GPUs hold one engine replica each, not the preset's three with their fixed
+    # KV caches: vLLM sizes the one replica's cache from the GPU's memory.
     assert parsed.replicas_per_gpu == 1 and parsed.engine_kwargs == {}
     preset = get_preset(smoke_test=False).sharing_gpus(parsed.replicas_per_gpu)
     assert preset.placement_group_config["bundle_per_worker"]["GPU"] == 1
@@ -40,23 +40,25 @@ def test_the_schema_check_catches_a_mistake():
 
 
 # The job picks engine replicas per GPU as the notebook does (tests/test_notebook_files.py): the
-# preset's two only where the driver's machine has GPUs of 100 GiB, unless --replicas-per-gpu says.
+# preset's three only where the driver's machine has GPUs of 120 GiB, two from 100 GiB, unless
+# --replicas-per-gpu says.
 @pytest.mark.parametrize(
     ("gpus", "options", "replicas"),
     [
-        ("143771, Disabled", [], 2),
+        ("143771, Disabled", [], 3),
+        ("112640, Disabled", [], 2),
         ("81559, Disabled", [], 1),
         (None, [], 1),  # a driver on a CPU head node
         (None, ["--replicas-per-gpu", "2"], 2),
         ("143771, Disabled", ["--replicas-per-gpu", "1"], 1),
         ("143771, Disabled", ["--smoke"], 1),
     ],
-    ids=["H200", "H100", "no-gpu", "no-gpu-told-2", "H200-told-1", "offline"],
+    ids=["H200", "110GiB", "H100", "no-gpu", "no-gpu-told-2", "H200-told-1", "offline"],
 )
-def test_the_job_runs_two_engines_per_gpu_only_where_the_gpu_holds_them(
+def test_the_job_runs_as_many_engines_per_gpu_as_the_gpu_holds(
     tmp_path, monkeypatch, gpus, options, replicas
 ):
     monkeypatch.setenv("PATH", gpus_reporting(tmp_path, gpus))
     preset = job_preset(parse_args(["--output", str(tmp_path / "out"), *options]))
     assert preset.replicas_per_gpu == replicas
-    assert ("kv_cache_memory_bytes" in preset.engine_kwargs) == (replicas == 2)
+    assert ("kv_cache_memory_bytes" in preset.engine_kwargs) == (replicas > 1)

@@ -86,17 +86,20 @@ def test_readme_equals_a_fresh_render(tmp_path):
     assert (ROOT / "README.md").read_text() == fresh, "README.md is stale: run `make readme` and commit"
 
 
-# The GPU preset's two engines per GPU peaked at 80-84 GiB together on an H200: on an 80 GB GPU its
-# defaults would fail at the engines' start. The parameters cell runs two per GPU only where this
-# machine's GPUs hold them, and one on a smaller GPU, a MIG slice, or where it sees no GPU (a CPU
-# head node). nvidia-smi is a stand-in (conftest.gpus_reporting): this machine has no GPU.
+# The GPU preset's three engines per GPU peaked at 95-96 GiB together on an H200, two at 80-84 GiB:
+# on an 80 GB GPU its defaults would fail at the engines' start. The parameters cell runs three per
+# GPU only where this machine's GPUs hold them (120 GiB), two from 100 GiB, and one on a smaller
+# GPU, a MIG slice, or where it sees no GPU (a CPU head node). nvidia-smi is a stand-in
+# (conftest.gpus_reporting): this machine has no GPU.
 @pytest.mark.parametrize(
     ("smoke", "gpus", "replicas"),
     [
-        ("0", "143771, Disabled", 2),
+        ("0", "143771, Disabled", 3),
         ("0", "81559, Disabled", 1),
-        ("0", "143771, [N/A]", 2),
+        ("0", "143771, [N/A]", 3),
         ("0", "97871, Disabled", 1),
+        ("0", "112640, Disabled", 2),
+        ("0", "143771, Disabled\n112640, Disabled", 2),
         ("0", "143771, Disabled\n81559, Disabled", 1),
         ("0", "143771, Enabled", 1),
         ("0", "143771, Disabled\n[N/A], [N/A]", 1),
@@ -109,6 +112,8 @@ def test_readme_equals_a_fresh_render(tmp_path):
         "H100",
         "no-mig-support",
         "96GB",
+        "110GiB",
+        "mixed-110GiB",
         "mixed",
         "MIG",
         "unknown",
@@ -117,7 +122,7 @@ def test_readme_equals_a_fresh_render(tmp_path):
         "offline",
     ],
 )
-def test_the_parameters_cell_runs_two_engines_per_gpu_only_where_the_gpu_holds_them(
+def test_the_parameters_cell_runs_as_many_engines_per_gpu_as_the_gpu_holds(
     tmp_path, monkeypatch, smoke, gpus, replicas
 ):
     monkeypatch.setenv("PATH", gpus_reporting(tmp_path, gpus))
@@ -127,8 +132,8 @@ def test_the_parameters_cell_runs_two_engines_per_gpu_only_where_the_gpu_holds_t
     scope = run_parameters_cell()
     preset = scope["PRESET"]
     assert (scope["REPLICAS_PER_GPU"], preset.replicas_per_gpu) == (replicas, replicas)
-    # One engine per GPU sizes its KV cache from the GPU; the two share a fixed one.
-    assert ("kv_cache_memory_bytes" in preset.engine_kwargs) == (replicas == 2)
+    # One engine per GPU sizes its KV cache from the GPU; engines that share one get a fixed one.
+    assert ("kv_cache_memory_bytes" in preset.engine_kwargs) == (replicas > 1)
     if smoke == "0":  # the same GPUs either way: the first run on one
         assert scope["CONCURRENCY"] == replicas
 

@@ -101,9 +101,9 @@ def test_an_engine_replica_takes_in_only_the_rows_it_runs_at_once():
 # in at most an even share of it, in whole blocks, so the replica that is up first can't take it all.
 def test_a_replica_takes_in_at_most_an_even_share_of_a_run_of_known_size():
     gpu = get_preset(smoke_test=False)
-    # The notebook's first run on the GPU preset: 10,000 images in 64 blocks of 157 rows, 2 replicas.
-    tasks = gpu.replica_tasks_in_flight(64, rows=10_000, blocks=64, replicas=2)
-    assert tasks * 157 <= 5_000 < (tasks + 1) * 157  # whole blocks, within the share
+    # The notebook's first run on the GPU preset: 10,000 images in 64 blocks of 157 rows, 3 replicas.
+    tasks = gpu.replica_tasks_in_flight(64, rows=10_000, blocks=64)
+    assert tasks * 157 <= 3_334 < (tasks + 1) * 157  # whole blocks, within the share
     # More replicas than blocks to spare: each of 4 still gets a block of the 5 (2, 1, 1, 1).
     assert gpu.replica_tasks_in_flight(64, rows=5 * 64, replicas=4) == 1
     # A run far bigger than the replicas' batches in flight: the cap is what a replica runs at once.
@@ -115,14 +115,14 @@ def test_a_replica_takes_in_at_most_an_even_share_of_a_run_of_known_size():
     assert compute.max_tasks_in_flight_per_actor == 2048 // gpu.rows_per_block
 
 
-# Config only: the GPU preset runs two engine replicas per GPU. Sized by a fraction of the GPU,
-# engines that start together each count the other's memory as their own, and the second found none
+# Config only: the GPU preset runs three engine replicas per GPU. Sized by a fraction of the GPU,
+# engines that start together each count the others' memory as their own, and the last found none
 # left for its KV cache: replicas that share a GPU need a fixed KV cache, and their
 # shares may not add up to more than the GPU. Ray Data must ask for a replica's share of a GPU, not a
 # whole one (or a 1-GPU node would run one replica and wait for a second GPU for the other).
 def test_engine_replicas_that_share_a_gpu_ask_for_their_share_and_a_fixed_kv_cache():
     base = get_preset(smoke_test=False)
-    assert base.replicas_per_gpu == 2
+    assert base.replicas_per_gpu == 3
     for preset in (base, base.sharing_gpus(1), base.sharing_gpus(2), base.sharing_gpus(4)):
         n = preset.replicas_per_gpu
         # The local model: Ray Data LLM reads the model's config, and the Hub is out of reach here.
@@ -134,8 +134,8 @@ def test_engine_replicas_that_share_a_gpu_ask_for_their_share_and_a_fixed_kv_cac
         assert n * kwargs["gpu_memory_utilization"] <= 0.9 + 1e-9, n
         assert ("kv_cache_memory_bytes" in kwargs) == (n > 1), n
         if n > 1:  # the GPU holds the preset's KV cache, however many replicas share it
-            assert n * kwargs["kv_cache_memory_bytes"] <= 2 * base.engine_kwargs["kv_cache_memory_bytes"]
-    assert base.sharing_gpus(2).engine_kwargs == base.engine_kwargs
+            assert n * kwargs["kv_cache_memory_bytes"] <= 3 * base.engine_kwargs["kv_cache_memory_bytes"]
+    assert base.sharing_gpus(3).engine_kwargs == base.engine_kwargs
     # The same GPUs, with n replicas on each: the first run on one, the scale-up on four.
     for n in (1, 2, 4):
         assert (base.sharing_gpus(n).concurrency, base.sharing_gpus(n).scale_up_concurrency) == (n, 4 * n)
@@ -169,8 +169,8 @@ def test_preparing_images_puts_them_on_the_patch_grid_and_turns_the_engines_resi
 # as processor_config sets them. "blocks": blocks of several batches (a target of 32 rows; Ray cut
 # blocks of 16 from this range). With a cap of max_concurrent_batches tasks (one that doesn't
 # count rows) the first replica takes all 128 rows and Ray Data shut the second down,
-# idle. "small run": a run smaller than the rows two replicas run at once (the
-# notebook's first run on the GPU preset: 10,000 images against 2 x 6,144): without the cap's even
+# idle. "small run": a run smaller than the rows the replicas run at once (the
+# notebook's first run on the GPU preset: 10,000 images against 3 x 6,144): without the cap's even
 # share the first replica takes every row. With replica_tasks_in_flight both replicas caption.
 @pytest.mark.parametrize(
     ("case", "rows_per_block", "n", "first_up_s", "second_up_s", "batch_s"),
