@@ -15,14 +15,14 @@ On a GPU without the Hub, as bench_vision.py runs (the device kit's model folder
 synthetic images, the GPU preset):
 
     python benchmarks/serve_prototype.py --model /tmp/model/qwen25vl3b --dummy \
-        --synthetic-dir /tmp/sp_shards -n 4096 --scale-up-n 8192 --max-tokens 48 --replicas 2
+        --synthetic-dir /tmp/sp_shards -n 4096 --scale-up-n 8192 --max-tokens 48 --replicas 3
 
 With --sustained N it then runs N-image datasets against the same engines, one per caption
 length of --sustained-tokens (48 and 256), --repeat times, interleaved: the sustained comparison
 of issue #28 with one engine start, as bench_vision.py measures it for the pipeline:
 
     python benchmarks/serve_prototype.py --model /tmp/model/qwen25vl3b --dummy \
-        --synthetic-dir /tmp/sp_shards --skip-notebook --sustained 30000 --repeat 3 --replicas 2 \
+        --synthetic-dir /tmp/sp_shards --skip-notebook --sustained 30000 --repeat 3 --replicas 3 \
         --clients 4
 
 It prints one JSON line per run (and appends it to --out): images, seconds, images/s,

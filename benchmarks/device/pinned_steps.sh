@@ -15,8 +15,11 @@ notebook)
   tail -c 300 "$OUT/weights.log"
   python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_vision as b; b.make_shards(__import__('pathlib').Path('/tmp/shards'), 8192)"
   echo "prep_s=$(( $(date +%s) - T0 ))"
-  SMOKE_TEST=0 MODEL=/tmp/model/rand3b DATASET='/tmp/shards/*.tar' NUM_IMAGES=4096 REPLICAS_PER_GPU=2 \
-    SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=2 OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
+  # One GPU: the preset's replicas on it for both runs (said, though the notebook picks the same on
+  # an H200's 141 GB).
+  per_gpu=$(PYTHONPATH=$PWD python3 -c 'from helpers.presets import get_preset; print(get_preset(False).replicas_per_gpu)')
+  SMOKE_TEST=0 MODEL=/tmp/model/rand3b DATASET='/tmp/shards/*.tar' NUM_IMAGES=4096 REPLICAS_PER_GPU=$per_gpu \
+    SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=$per_gpu OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
     timeout -s KILL "${NB_TIMEOUT:-520}" python3 "$K/run_notebook_cells.py" llm_batch_inference_vision.ipynb > "$OUT/notebook.txt" 2>&1
   echo "notebook rc=$? wall_s=$(( $(date +%s) - T0 ))"
   grep -E "=== CELL .* (done|FAILED)|NB_OK|Error|rows, written" "$OUT/notebook.txt" | cut -c1-300 | tail -40
