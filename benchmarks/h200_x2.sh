@@ -47,9 +47,9 @@ QUEUE8192="--max-pending-requests 8192 --max-concurrent-batches 192"
 ONE="--replicas-per-gpu 1 --concurrency 1"
 declare -A VARIANT=(
   [preset]='{}'
-  # One engine of 4,096 sequences per GPU: the preset's yardstick for two engines per GPU.
+  # One engine of 4,096 sequences per GPU: the yardstick for two engines per GPU.
   [seqs4096]="{$SEQS4096}"
-  # Two engines of 2,048 on one GPU, said in full: the preset's own settings.
+  # Two engines of 2,048 on one GPU, said in full (the preset runs three, Preset.sharing_gpus).
   [two2048]="{$SEQS2048, \"gpu_memory_utilization\": 0.45, \"kv_cache_memory_bytes\": 30064771072}"
   # CUDA graphs up to 16,384 tokens, on one engine of 4,096 and on the preset (not kept).
   [graphs16k]="{\"max_num_seqs\": 4096, \"compilation_config\": {\"cudagraph_capture_sizes\": $SIZES16K}}"
@@ -208,9 +208,9 @@ tenk)
   wait
   finish tenk ;;
 scale)
-  # Two GPUs and one, the preset's two replicas per GPU (fixed pools (4, 4) and (2, 2)), the same
-  # $SCALE_N (12,288: three waves of 2,048 per replica) per GPU, one after the other on one Ray
-  # cluster, in the order $SCALE_ORDER (words 1 and 2: GPUs).
+  # Two GPUs and one, the preset's replicas per GPU (fixed pools of 2 and 1 x that), the same
+  # $SCALE_N images (12,288) per GPU, one after the other on one Ray cluster, in the order
+  # $SCALE_ORDER (words 1 and 2: GPUs).
   cluster_up
   n=${SCALE_N:-12288}
   per_gpu=$(replicas_per_gpu)
