@@ -23,7 +23,9 @@ Two rates over a run's output, besides end to end:
                           included: the requests admitted while the engines started come out
                           together right after the first output, so this overstates.
   sustained_images_per_s  rows out per second after that first wave has come out (see
-                          first_wave_rows and sustained_rate), over `sustained_window_s` seconds.
+                          first_wave_rows and sustained_rate), over `sustained_window_s` seconds;
+                          where the engines' KV caches filled, the first wave they ran
+                          (kv_bound_first_wave).
 Prints one JSON line per run and appends them to --out. Each run's log is written as it comes,
 each line prefixed with its arrival time; each record gets `startup_breakdown` (when each start-up
 phase ended, seconds from t0, from Ray's and vLLM's own log lines: see STARTUP_MARKS),
@@ -263,9 +265,8 @@ def first_wave_rows(
     Ray Data hands a replica (`max_tasks_in_flight_per_actor` x rows per task). The GPU preset
     runs 3 replicas of 2,048 sequences (its cap, 4,096 pending, is larger): 6,144 rows. The
     original tutorial's settings leave max_num_seqs at vLLM's default (128) and let 16 x 8 = 128
-    rows in: 128 rows. The KV cache is not counted. At 48-token captions the preset's holds every
-    sequence it runs; at 256 tokens three replicas' caches run about 1,300 each, so fewer rows
-    come out in the first burst and the window starts later than it could: the rate errs low.
+    rows in: 128 rows. The KV cache is not counted here: where it fills, the record's first wave
+    is the one the engines ran (kv_bound_first_wave, from vLLM's stats after the run).
     """
     cap = batch_size * max_concurrent_batches
     if max_pending_requests:
@@ -293,6 +294,50 @@ def sustained_rate(points: list[tuple[float, int]], first_wave: int) -> tuple[fl
     if rows_end <= rows_wave or t_end <= t_wave or rows_end <= first_wave:
         return None, None
     return (rows_end - rows_wave) / (t_end - t_wave), t_end - t_wave
+
+
+# vLLM's KV cache this full (its highest stat line, in percent): the engines ran fewer sequences
+# than the first wave counts.
+KV_FULL_PCT = 95.0
+
+
+def kv_bound_first_wave(record: dict) -> int | None:
+    """The first wave as the engines ran it, where their KV caches bound: replicas x the median
+    number of sequences each ran (vLLM's Running count), if that is under `first_wave_rows`; else
+    None. `first_wave_rows` counts what Ray Data LLM lets into each engine (up to max_num_seqs);
+    an engine whose KV cache fills runs fewer, so its first burst of rows is smaller, and a window
+    started at `first_wave_rows` would skip the slow stretch after that burst and overstate (three
+    replicas' 18.7 GiB caches at 256 tokens: about 1,290 of 2,048 sequences each)."""
+    stats = record.get("engine_stats") or {}
+    kv, running = stats.get("kv_cache_usage_pct_max"), stats.get("running_median")
+    replicas = (record.get("settings") or {}).get("concurrency")
+    if kv is None or kv < KV_FULL_PCT or not running or not replicas or not record.get("first_wave_rows"):
+        return None
+    wave = int(replicas * running)
+    return wave if wave < record["first_wave_rows"] else None
+
+
+def progress_points(lines: list[str]) -> list[tuple[float, int]]:
+    """The PROGRESS points (seconds, rows out) of a run's output lines."""
+    found = (re.search(r"PROGRESS (\d+) rows at ([\d.]+) s", line) for line in lines)
+    return [(float(m.group(2)), int(m.group(1))) for m in found if m]
+
+
+def apply_kv_bound(record: dict, lines: list[str]) -> dict:
+    """`record` with its sustained rate counted from the first wave the engines ran
+    (`kv_bound_first_wave`) where their KV caches bound; the configured wave is kept as
+    `first_wave_rows_configured`. Unchanged elsewhere."""
+    wave = kv_bound_first_wave(record)
+    if wave is None:
+        return record
+    rate, window = sustained_rate(progress_points(lines), wave)
+    return {
+        **record,
+        "sustained_images_per_s": round(rate, 2) if rate else None,
+        "sustained_window_s": round(window, 1) if window else None,
+        "first_wave_rows": wave,
+        "first_wave_rows_configured": record["first_wave_rows"],
+    }
 
 
 def progress(
@@ -767,6 +812,7 @@ def main(args) -> list[dict]:
             else:
                 record = json.loads(lines[-1][len("RESULT ") :])
                 record.update(startup_breakdown(timed))
+                record = apply_kv_bound(record, [line for _, line in timed])
             record = {**common, "attempt": attempt, **record}
             print(json.dumps(record, default=str), flush=True)
             records.append(record)

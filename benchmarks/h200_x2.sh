@@ -61,6 +61,7 @@ declare -A VARIANT_ENV=()
 declare -A VARIANT_ARGS=(
   [seqs4096]="$QUEUE8192 $ONE"
   [graphs16k]="$QUEUE8192 $ONE"
+  [two16k]="--replicas-per-gpu 2 --concurrency 2"  # two engines, as its name says (the preset runs three)
   [two2048]="--max-pending-requests 4096 --max-concurrent-batches 96 --concurrency 2 --placement-group-config {\"bundle_per_worker\":{\"GPU\":0.5,\"CPU\":1}}"
 )
 # The GPU preset's engine replicas per GPU (the scale and notebook steps ask for whole GPUs).

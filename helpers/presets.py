@@ -174,8 +174,8 @@ class Preset:
     def replicas_per_gpu_for(self, gpu_bytes: int | None) -> int:
         """The engine replicas per GPU that a GPU of `gpu_bytes` holds: the most, up to the
         preset's, whose `SHARED_GPU_MIN_BYTES` it has (the GPU preset: 3 from 120 GiB, 2 from 100
-        GiB), else one; one where the size is unknown (`None`: no GPU on this machine, such as a
-        cluster's CPU head node), as one always fits."""
+        GiB; never more than it lists), else one; one where the size is unknown (`None`: no GPU
+        on this machine, such as a cluster's CPU head node), as one always fits."""
         if gpu_bytes is None:
             return 1
         fits = [
@@ -203,7 +203,7 @@ PRESETS: dict[str, Preset] = {
         # Three engine replicas per GPU (placement_group_config), each with its own engine actor and
         # engine-core process: the threads of one or two engines can't keep an H200 busy at short
         # captions. Two were 1.58x one engine of 4,096 sequences; three are 1.14x two at 48-token
-        # captions and not slower at 256 (benchmarks/README.md).
+        # captions and about even at 256, where their KV caches fill (benchmarks/README.md).
         concurrency=3,
         max_tokens=256,
         # 6,144 rows in each replica's engine stage, 4,096 of them inside its engine: 2,048 running

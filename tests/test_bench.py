@@ -44,6 +44,42 @@ def test_sustained_rate_does_not_count_the_second_wave_without_its_generation_ti
     assert abs(rate - 204.8) / 204.8 < 0.01 and abs(window - 60) < 0.1, (rate, window)
 
 
+# The PROGRESS points of a three-replica run at 256 tokens on the H200 (r3-256-c2 in
+# benchmarks/results/2026-12-05-h200-r3-pairs.jsonl): its engines' KV caches filled (99.9%) and each
+# ran a median of 1,290.5 of its 2,048 sequences, so the first burst ended near 4,544 rows and a
+# slow stretch followed; started at the configured wave of 6,144 the window skipped it.
+R3_256_POINTS = [
+    (200.3, 512), (201.8, 1024), (202.6, 1536), (205.1, 2048), (206.6, 2560), (207.1, 3008), (207.7, 3520),
+    (208.3, 4032), (209.9, 4544), (218.2, 5056), (222.2, 5504), (228.1, 6016), (244.2, 6528), (246.0, 7040),
+    (247.1, 7552), (248.3, 8000), (249.0, 8512), (250.2, 9024), (251.7, 9536), (253.2, 10048), (255.1, 10560),
+    (261.5, 11008), (268.4, 11520), (272.4, 12032), (281.7, 12544), (281.9, 13056), (282.2, 13504),
+    (282.4, 14016), (282.6, 14504), (282.9, 15016), (283.6, 15528), (283.8, 16040), (283.9, 16552),
+    (283.9, 17000),
+]  # fmt: skip
+
+
+def test_where_the_kv_cache_filled_the_first_wave_is_what_the_engines_ran():
+    lines = [f"PROGRESS {rows} rows at {t} s" for t, rows in R3_256_POINTS]
+    configured_rate, _ = bench_vision.sustained_rate(R3_256_POINTS, 6144)
+    record = {
+        "first_wave_rows": 6144,
+        "sustained_images_per_s": round(configured_rate, 2),
+        "settings": {"concurrency": 3},
+        "engine_stats": {"running_median": 1290.5, "kv_cache_usage_pct_max": 99.9},
+    }
+    out = bench_vision.apply_kv_bound(record, lines)
+    assert (out["first_wave_rows"], out["first_wave_rows_configured"]) == (3871, 6144)
+    # From 3,520 rows at 207.7 s (the last point before 3,871) to the end: 13,480 rows in 76.2 s.
+    assert (out["sustained_images_per_s"], out["sustained_window_s"]) == (176.9, 76.2)
+    assert configured_rate > 1.1 * out["sustained_images_per_s"]  # the skipped slow stretch
+    # A cache that never filled (the two-replica runs: 82%) leaves the record as the run made it.
+    roomy = {**record, "engine_stats": {"running_median": 1929.0, "kv_cache_usage_pct_max": 82.4}}
+    assert bench_vision.apply_kv_bound(roomy, lines) == roomy
+    # A full cache that still ran every sequence let in: the configured wave stands.
+    full = {**record, "engine_stats": {"running_median": 2048.0, "kv_cache_usage_pct_max": 99.9}}
+    assert bench_vision.apply_kv_bound(full, lines) == full
+
+
 # A run of 30,000 images drew image i + 19,200 identical to image i (colour and square repeat
 # with periods 256 and 150), and a repeated image can hit vLLM's processor and prefix caches.
 def test_bench_images_stay_distinct_past_the_colour_and_square_period(tmp_path):

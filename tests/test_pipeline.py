@@ -102,7 +102,7 @@ def test_an_engine_replica_takes_in_only_the_rows_it_runs_at_once():
 def test_a_replica_takes_in_at_most_an_even_share_of_a_run_of_known_size():
     gpu = get_preset(smoke_test=False)
     # The notebook's first run on the GPU preset: 10,000 images in 64 blocks of 157 rows, 3 replicas.
-    tasks = gpu.replica_tasks_in_flight(64, rows=10_000, blocks=64)
+    tasks = gpu.replica_tasks_in_flight(64, rows=10_000, blocks=64, replicas=3)
     assert tasks * 157 <= 3_334 < (tasks + 1) * 157  # whole blocks, within the share
     # More replicas than blocks to spare: each of 4 still gets a block of the 5 (2, 1, 1, 1).
     assert gpu.replica_tasks_in_flight(64, rows=5 * 64, replicas=4) == 1
@@ -119,7 +119,7 @@ def test_a_replica_takes_in_at_most_an_even_share_of_a_run_of_known_size():
 # engines that start together each count the others' memory as their own, and the last found none
 # left for its KV cache: replicas that share a GPU need a fixed KV cache, and their
 # shares may not add up to more than the GPU. Ray Data must ask for a replica's share of a GPU, not a
-# whole one (or a 1-GPU node would run one replica and wait for a second GPU for the other).
+# whole one (or a 1-GPU node would run one replica and wait for more GPUs for the others).
 def test_engine_replicas_that_share_a_gpu_ask_for_their_share_and_a_fixed_kv_cache():
     base = get_preset(smoke_test=False)
     assert base.replicas_per_gpu == 3

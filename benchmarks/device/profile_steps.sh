@@ -12,7 +12,7 @@
 #       light  nvidia-smi and top only (no py-spy: nothing slows the run)
 #       none   no sampling
 # The samples start once AT_ROWS rows are out (default 9000: past the preset's first wave of
-# 4,096, inside the sustained window of a 30,000-row run). Each run is bench_vision.py through
+# 6,144, inside the sustained window of a 30,000-row run). Each run is bench_vision.py through
 # pinned_steps.sh (its --label LABEL), killed DEADLINE_S (default 575) s after CALL_T0; a run with
 # under MIN_LEFT_S (default 200) s left is skipped; a run that stalls is stopped (watch, below).
 # The bench's JSON line and a py-spy summary (pyspy_summary.py) are printed.
