@@ -4,6 +4,7 @@
 #   bash .device-pinned/kit/pinned_steps.sh notebook   the unmodified notebook, the sizes of
 #                                                      h200_x2.sh's notebook step, random weights
 #   bash .device-pinned/kit/pinned_steps.sh bench ARGS... benchmarks/bench_vision.py --dummy ARGS
+#   bash .device-pinned/kit/pinned_steps.sh serve ARGS... benchmarks/serve_prototype.py --dummy ARGS
 # Logs and JSON lines land in $OUT.
 K=$(cd "$(dirname "$0")" && pwd)
 source "$K/env.sh"
@@ -56,5 +57,15 @@ for line in sys.stdin:
     print(json.dumps({k: r[k] for k in keep if k in r})[:3000], flush=True)
 "
   echo "bench wall_s=$(( $(date +%s) - T0 ))" ;;
-*) echo "usage: pinned_steps.sh notebook | bench ARGS..."; exit 2 ;;
+serve)
+  # benchmarks/serve_prototype.py (#28): one Ray Serve LLM deployment for every run, random weights,
+  # synthetic images, e.g. `serve --replicas 3 -n 4096 --scale-up-n 8192 --max-tokens 48` (the
+  # notebook's shape) or `serve --replicas 3 --skip-notebook --sustained 32000 --repeat 2 --clients 4`.
+  shift
+  timeout -s KILL "${SERVE_TIMEOUT:-560}" python3 benchmarks/serve_prototype.py --model "$MODEL_DIR" --dummy \
+    --synthetic-dir /tmp/sp_shards --out "$OUT/results.jsonl" "$@" > "$OUT/serve.txt" 2>&1
+  echo "serve rc=$? wall_s=$(( $(date +%s) - T0 ))"
+  grep -E '^\{' "$OUT/serve.txt" | cut -c1-1500
+  grep -E "Error|Traceback" "$OUT/serve.txt" | head -5 | cut -c1-300 ;;
+*) echo "usage: pinned_steps.sh notebook | bench ARGS... | serve ARGS..."; exit 2 ;;
 esac

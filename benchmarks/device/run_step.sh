@@ -31,6 +31,8 @@ check)
   grep -E '"ok": false|fa2|IMPORT_SUMMARY' "$OUT/import.log" | cut -c1-600
   python3 "$K/verify_model_dir.py" "$MODEL_DIR" > "$OUT/verify.log" 2>&1; grep -E 'n_image_pad|VERIFY_OK|Error' "$OUT/verify.log"
   python3 -c "import torch, torchvision, vllm, ray, transformers, triton; print(torch.__version__, torchvision.__version__, vllm.__version__, ray.__version__, transformers.__version__, triton.__version__, torch.cuda.mem_get_info())"
+  # Ray Serve LLM, for benchmarks/serve_prototype.py (#28)
+  python3 -c "import ray.serve, ray.serve.llm, vllm.entrypoints.openai.api_server; print('SERVE_IMPORT_OK')" 2>&1 | tail -2
   exit $rc ;;
 *) echo "usage: run_step.sh stage cN | torch | install | check"; exit 2 ;;
 esac
