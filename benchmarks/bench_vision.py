@@ -341,13 +341,22 @@ def apply_kv_bound(record: dict, lines: list[str]) -> dict:
 
 
 def progress(
-    points: list[tuple[float, int]], rows: int, now: float, t0: float, *, last: bool = False
+    points: list[tuple[float, int]],
+    rows: int,
+    now: float,
+    t0: float,
+    *,
+    last: bool = False,
+    every: int = PROGRESS_EVERY,
+    echo: bool = True,
 ) -> None:
-    """Note a PROGRESS point (seconds from t0, rows out) every PROGRESS_EVERY rows, and the last."""
+    """Note a PROGRESS point (seconds from t0, rows out) every `every` rows, and the last; `echo`
+    prints it as a PROGRESS line too (the runs' logs, which the device scripts watch)."""
     before = points[-1][1] if points else 0
-    if (last and rows != before) or before // PROGRESS_EVERY != rows // PROGRESS_EVERY:
+    if (last and rows != before) or before // every != rows // every:
         points.append((round(now - t0, 2), rows))
-        print(f"PROGRESS {rows} rows at {now - t0:.1f} s", flush=True)
+        if echo:
+            print(f"PROGRESS {rows} rows at {now - t0:.1f} s", flush=True)
 
 
 def phase(name: str) -> float:

@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         lengths = [int(t) for t in args.sustained_tokens.split(",")]
         runs += [(f"sustained_{t}", args.sustained, t) for _ in range(args.repeat) for t in lengths]
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_vision import PROGRESS_EVERY, make_shards, sustained_rate  # benchmarks/ is no package
+    # benchmarks/ is no package
+    from bench_vision import PROGRESS_EVERY, make_shards, progress, sustained_rate
 
     # Each run's images: the preset's dataset from its start, as the notebook reads it, or with
     # --synthetic-dir a range of distinct images of its own, so no run finds another's images in
@@ -275,12 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                 errors += int(batch["error"].notna().sum())
                 generated += batch["num_generated_tokens"].tolist()
                 example = example or batch.sort_values("id").iloc[0].to_dict()
-                before = points[-1][1] if points else 0
-                if before // every != len(out_ids) // every:
-                    points.append((round(now - start, 2), len(out_ids)))
-            seconds = time.perf_counter() - start
-            if out_ids and (not points or points[-1][1] != len(out_ids)):
-                points.append((round(seconds, 2), len(out_ids)))
+                progress(points, len(out_ids), now, start, every=every, echo=False)
+            end = time.perf_counter()
+            seconds = end - start
+            progress(points, len(out_ids), end, start, last=True, every=every, echo=False)
             assert len(out_ids) == len(ids), f"{name}: {len(ids)} rows in, {len(out_ids)} out"
             assert sorted(out_ids) == sorted(ids), f"{name}: ids changed"
             sustained, window = sustained_rate(points, first_wave)
