@@ -202,8 +202,8 @@ PRESETS: dict[str, Preset] = {
         batch_size=64,
         # Three engine replicas per GPU (placement_group_config), each with its own engine actor and
         # engine-core process: the threads of one or two engines can't keep an H200 busy at short
-        # captions. Two were 1.58x one engine of 4,096 sequences; three are 1.14x two at 48-token
-        # captions and about even at 256, where their KV caches fill (benchmarks/README.md).
+        # captions. At long ones (256 tokens) their KV caches fill and two do as well
+        # (benchmarks/README.md has the runs).
         concurrency=3,
         max_tokens=256,
         # 6,144 rows in each replica's engine stage, 4,096 of them inside its engine: 2,048 running
