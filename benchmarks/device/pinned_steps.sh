@@ -16,9 +16,9 @@ notebook)
   tail -c 300 "$OUT/weights.log"
   python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_vision as b; b.make_shards(__import__('pathlib').Path('/tmp/shards'), 8192)"
   echo "prep_s=$(( $(date +%s) - T0 ))"
-  # One GPU: the preset's replicas on it for both runs (said, though the notebook picks the same on
-  # an H200's 141 GB).
-  per_gpu=$(PYTHONPATH=$PWD python3 -c 'from helpers.presets import get_preset; print(get_preset(False).replicas_per_gpu)')
+  # One GPU: the replicas the notebook picks for it (3 on an H200, 1 on an H100) for both runs.
+  per_gpu=$(PYTHONPATH=$PWD python3 -c 'from helpers.presets import get_preset as g, local_gpu_memory_bytes as m
+print(g(False).replicas_per_gpu_for(m()))')
   SMOKE_TEST=0 MODEL=/tmp/model/rand3b DATASET='/tmp/shards/*.tar' NUM_IMAGES=4096 REPLICAS_PER_GPU=$per_gpu \
     SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=$per_gpu OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
     timeout -s KILL "${NB_TIMEOUT:-520}" python3 "$K/run_notebook_cells.py" llm_batch_inference_vision.ipynb > "$OUT/notebook.txt" 2>&1
@@ -59,8 +59,9 @@ for line in sys.stdin:
   echo "bench wall_s=$(( $(date +%s) - T0 ))" ;;
 serve)
   # benchmarks/serve_prototype.py (#28): one Ray Serve LLM deployment for every run, random weights,
-  # synthetic images, e.g. `serve --replicas 3 -n 4096 --scale-up-n 8192 --max-tokens 48` (the
-  # notebook's shape) or `serve --replicas 3 --skip-notebook --sustained 32000 --repeat 2 --clients 4`.
+  # synthetic images, the replicas the notebook picks for this GPU, e.g. `serve -n 4096 --scale-up-n 8192
+  # --max-tokens 48 --clients 4` (the notebook's shape) or `serve --skip-notebook --sustained 32000
+  # --repeat 2 --clients 4`.
   shift
   timeout -s KILL "${SERVE_TIMEOUT:-560}" python3 benchmarks/serve_prototype.py --model "$MODEL_DIR" --dummy \
     --synthetic-dir /tmp/sp_shards --out "$OUT/results.jsonl" "$@" > "$OUT/serve.txt" 2>&1
