@@ -41,7 +41,8 @@ What it does not do yet:
   `ServeDeploymentStageUDF`, which imports Ray Serve LLM) for each dataset: most of a small run's
   time on CPU (benchmarks/README.md, "Persistent engines (#28)");
 - tune the Serve path: --clients and --batch-size are there to try, max_ongoing_requests is Serve
-  LLM's default (no limit); it has not run on a GPU;
+  LLM's default (no limit); one GPU run so far (an H100, benchmarks/README.md, "Persistent
+  engines (#28)");
 - send images cheaply: each travels as a base64 JPEG in its request, where the engine path
   hands vLLM a PIL image in the same process.
 Serve's HTTP proxy is off: the deployment is reached only through its handle.

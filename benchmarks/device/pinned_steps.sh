@@ -17,7 +17,7 @@ notebook)
   python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_vision as b; b.make_shards(__import__('pathlib').Path('/tmp/shards'), 8192)"
   echo "prep_s=$(( $(date +%s) - T0 ))"
   # One GPU: the replicas the notebook picks for it (3 on an H200, 1 on an H100) for both runs.
-  per_gpu=$(PYTHONPATH=$PWD python3 -c 'from helpers.presets import get_preset as g, local_gpu_memory_bytes as m
+  per_gpu=$(PYTHONPATH=$PWD:$PYTHONPATH python3 -c 'from helpers.presets import get_preset as g, local_gpu_memory_bytes as m
 print(g(False).replicas_per_gpu_for(m()))')
   SMOKE_TEST=0 MODEL=/tmp/model/rand3b DATASET='/tmp/shards/*.tar' NUM_IMAGES=4096 REPLICAS_PER_GPU=$per_gpu \
     SCALE_UP_IMAGES=8192 SCALE_UP_CONCURRENCY=$per_gpu OUTPUT_DIR=/tmp/nbout/captions PYTHONPATH=$PWD:$PYTHONPATH \
@@ -63,7 +63,7 @@ serve)
   # --max-tokens 48 --clients 4` (the notebook's shape) or `serve --skip-notebook --sustained 32000
   # --repeat 2 --clients 4`.
   shift
-  timeout -s KILL "${SERVE_TIMEOUT:-560}" python3 benchmarks/serve_prototype.py --model "$MODEL_DIR" --dummy \
+  PYTHONPATH=$PWD:$PYTHONPATH timeout -s KILL "${SERVE_TIMEOUT:-560}" python3 benchmarks/serve_prototype.py --model "$MODEL_DIR" --dummy \
     --synthetic-dir /tmp/sp_shards --out "$OUT/results.jsonl" "$@" > "$OUT/serve.txt" 2>&1
   echo "serve rc=$? wall_s=$(( $(date +%s) - T0 ))"
   grep -E '^\{' "$OUT/serve.txt" | cut -c1-1500
