@@ -37,9 +37,9 @@ the first run's images, which a persistent engine may find in its caches).
 What it does not do yet:
 - write captions or resume a run (the job's output and resume are not wired in);
 - scale the deployment between runs: `--replicas` is fixed for both runs;
-- avoid every per-run start-up: Ray Data still starts a new client actor (the Serve stage's
-  `ServeDeploymentStageUDF`, which imports Ray Serve LLM) for each dataset: most of a small run's
-  time on CPU (benchmarks/README.md, "Persistent engines (#28)");
+- avoid every per-run start-up: Ray Data still starts new client actors (the Serve stage's
+  `ServeDeploymentStageUDF`, which imports Ray Serve) for each dataset, about 4 s on CPU; they no
+  longer import vLLM (caption_server_cls);
 - tune the Serve path: --clients and --batch-size are there to try, max_ongoing_requests is Serve
   LLM's default (no limit); one GPU run so far (an H100, benchmarks/README.md, "Persistent
   engines (#28)");
@@ -64,14 +64,38 @@ from typing import Any
 
 APP_NAME = "captioning"
 DEPLOYMENT_NAME = "captioner"
+DICT_METHOD = "chat_dict"
+
+
+def caption_server_cls():
+    """Ray Serve LLM's `LLMServer` with one more method, `chat_dict`: a chat request in and its
+    response out as plain dicts.
+
+    With `LLMServer.chat` the Serve stage's client actors must build and read vLLM's pydantic
+    request and response classes: unpickling the stage's `dtype_mapping`
+    (`ray.serve.llm.openai_api_models`) imports vLLM and torch in every client actor, and Ray Data
+    starts new client actors for every dataset. That import was most of each run's wait before
+    its first request reached the deployment (benchmarks/README.md, "Persistent engines (#28)").
+    Here the replica, which has vLLM loaded anyway, builds the request and dumps the response."""
+    from ray.serve.llm import LLMServer
+
+    class CaptionServer(LLMServer):
+        async def chat_dict(self, body: dict[str, Any]):
+            from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+            # stream=False: the one response (or an ErrorResponse) comes as the generator's one item.
+            async for out in await self.chat(ChatCompletionRequest(**body)):
+                yield out.model_dump() if hasattr(out, "model_dump") else out
+
+    return CaptionServer
 
 
 def serve_request(row: dict[str, Any], *, model_id: str, **preprocess_kwargs: Any) -> dict[str, Any]:
     """helpers.rows.preprocess (decode, resize, placeholder for a bad image), then the request in
     the shape the Serve stage takes: `method`, `dtype` and the request's fields in `request_kwargs`.
 
-    The image goes as an OpenAI `image_url` data URL: the request crosses to the deployment as a
-    pydantic `ChatCompletionRequest`, which has no field for a PIL image. The row's id is kept as
+    The image goes as an OpenAI `image_url` data URL: the replica builds a pydantic
+    `ChatCompletionRequest` from the request, which has no field for a PIL image. The row's id is kept as
     `image_id`, because the stage merges the whole response into the row and the response has an
     `id` of its own (ray/llm/_internal/batch/stages/serve_deployment_stage.py, `{**output, ...}`).
     The system message's content is a string and the user's a list, so Arrow can't type the
@@ -91,8 +115,8 @@ def serve_request(row: dict[str, Any], *, model_id: str, **preprocess_kwargs: An
         "image_id": req["id"],
         "decode_error": req["decode_error"],
         "image_bytes": None,  # the image travels in the request; don't carry the bytes too
-        "method": "chat",
-        "dtype": "ChatCompletionRequest",
+        "method": DICT_METHOD,
+        "dtype": None,  # a plain dict: see caption_server_cls
         "request_kwargs": {
             "model": model_id,
             "messages": [
@@ -180,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
     from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
     from ray.serve.llm import LLMConfig, ModelLoadingConfig, build_llm_deployment
-    from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
     from helpers.data import read_images
     from helpers.pipeline import row_kwargs
@@ -254,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             deployment_config={"num_replicas": args.replicas},
             log_engine_metrics=False,
         )
-        app = build_llm_deployment(llm_config, override_serve_options={"name": DEPLOYMENT_NAME})
+        app = build_llm_deployment(
+            llm_config, override_serve_options={"name": DEPLOYMENT_NAME}, deployment_cls=caption_server_cls()
+        )
         serve.run(app, name=APP_NAME, route_prefix=None)  # returns once every replica is healthy
         ready_s = time.perf_counter() - t0
         print(f"deployment ready {ready_s:.1f} s after ray.init", file=sys.stderr)
@@ -262,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
         config = ServeDeploymentProcessorConfig(
             deployment_name=DEPLOYMENT_NAME,
             app_name=APP_NAME,
-            dtype_mapping={"ChatCompletionRequest": ChatCompletionRequest},
             batch_size=batch_size,
             concurrency=args.clients,  # Data-side client actors, not engines
             should_continue_on_error=True,
