@@ -213,3 +213,46 @@ def test_render_bench_variants_give_the_engine_the_same_prompt(tmp_path):
     # left on the grid at 28x28 it is one. The image: 64.
     assert [tokens[v] - placeholder[v] for v in ("preset", "named")] == [60, 60], placeholder
     assert [tokens[v] - placeholder[v] for v in ("resized", "prepared")] == [63, 63], placeholder
+
+
+def test_serve_prototype_rows_cross_to_the_deployment_as_plain_dicts(tmp_path):
+    # The Serve stage's client actors start afresh for every dataset; a pydantic request class in
+    # the row (its dtype_mapping) imports vLLM and torch in each of them. The request is a dict for
+    # the deployment's chat_dict, the image a data URL, and an ErrorResponse becomes an error row.
+    import base64
+
+    import serve_prototype
+    from PIL import Image
+
+    from helpers.pipeline import row_kwargs
+
+    preset = get_preset(smoke_test=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="PNG")
+    row = {"id": "a", "image_bytes": buf.getvalue()}
+    req = serve_prototype.serve_request(row, model_id="tiny", **row_kwargs(preset, max_tokens=7))
+    assert req["method"] == serve_prototype.DICT_METHOD and req["dtype"] is None
+    assert hasattr(serve_prototype.caption_server_cls(), serve_prototype.DICT_METHOD)
+    body = req["request_kwargs"]
+    assert body["max_tokens"] == 7 and body["model"] == "tiny" and req["image_id"] == "a"
+    url = body["messages"][1]["content"][0]["image_url"]["url"]
+    image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert image.format == "JPEG" and image.size[0] > 0
+    json.dumps(req)  # nothing in it needs pickling
+
+    ok = {
+        "image_id": "a",
+        "decode_error": None,
+        "choices": [{"message": {"content": "a red square"}}],
+        "usage": {"prompt_tokens": 90, "completion_tokens": 4},
+    }
+    out = serve_prototype.serve_response(ok, model="tiny")
+    assert (out["id"], out["caption"], out["error"], out["num_generated_tokens"]) == (
+        "a",
+        "a red square",
+        None,
+        4,
+    )
+    failed = {"image_id": "b", "decode_error": None, "error": {"message": "prompt too long", "code": 400}}
+    out = serve_prototype.serve_response(failed, model="tiny")
+    assert out["id"] == "b" and out["caption"] is None and "prompt too long" in out["error"]
