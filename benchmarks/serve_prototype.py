@@ -307,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
                 )
             return processors[tokens]
 
-        records = []
         for (name, n, tokens), dataset in zip(runs, sources, strict=True):
             source = read_images(dataset).limit(n).materialize()
             ids = [r["id"] for r in source.select_columns(["id"]).take_all()]
@@ -353,14 +352,13 @@ def main(argv: list[str] | None = None) -> int:
                 "dummy_weights": args.dummy,
                 "images_distinct_per_run": bool(args.synthetic_dir),
             }
-            records.append(record)
             random_weights = model == "tiny" or args.dummy
             note = " (random weights: its caption is meaningless)" if random_weights else ""
             print(f"{name}: a row{note}: {example}", file=sys.stderr)
             print(json.dumps(record), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+            if args.out:  # each run as it ends: a step killed at its time limit keeps the runs before
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(record) + "\n")
     finally:
         serve.shutdown()  # no engine outlives the script
         if local:

@@ -66,6 +66,7 @@ serve)
   PYTHONPATH=$PWD:$PYTHONPATH timeout -s KILL "${SERVE_TIMEOUT:-560}" python3 benchmarks/serve_prototype.py --model "$MODEL_DIR" --dummy \
     --synthetic-dir /tmp/sp_shards --out "$OUT/results.jsonl" "$@" > "$OUT/serve.txt" 2>&1
   echo "serve rc=$? wall_s=$(( $(date +%s) - T0 ))"
+  tar czf "$OUT/serve_logs.tgz" /tmp/ray/session_latest/logs/serve 2>/dev/null  # controller, replicas
   grep -E '^\{' "$OUT/serve.txt" | cut -c1-1500
   grep -E "Error|Traceback" "$OUT/serve.txt" | head -5 | cut -c1-300 ;;
 *) echo "usage: pinned_steps.sh notebook | bench ARGS... | serve ARGS..."; exit 2 ;;
