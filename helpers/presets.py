@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -323,6 +324,10 @@ def local_gpu_memory_bytes() -> int | None:
     return min(int(g[0]) for g in gpus) * 2**20
 
 
+# Tries at starting a local Ray cluster (init_ray).
+LOCAL_START_ATTEMPTS = 3
+
+
 def get_preset(smoke_test: bool) -> Preset:
     return PRESETS["smoke" if smoke_test else "gpu"]
 
@@ -340,12 +345,25 @@ def init_ray(preset: Preset, runtime_env: dict[str, Any] | None = None, **kwargs
     from ray._private.services import canonicalize_bootstrap_address  # ray.init's own rule
 
     local = canonicalize_bootstrap_address(None) is None
-    ray.init(
-        runtime_env=runtime_env or preset.runtime_env(),
-        ignore_reinit_error=True,
-        **(preset.ray_init_kwargs if local else {}),
-        **kwargs,
-    )
+    attempts = LOCAL_START_ATTEMPTS if local else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(
+                runtime_env=runtime_env or preset.runtime_env(),
+                ignore_reinit_error=True,
+                **(preset.ray_init_kwargs if local else {}),
+                **kwargs,
+            )
+            break
+        except Exception as e:
+            # A local start's raylet waits a fixed 15 s for its agents to report their ports, and
+            # on a busy machine they can miss it: "The current node timed out during startup".
+            # Another start usually makes it (their imports are cached by then). Without one, the
+            # next Ray call would start a default cluster without the preset's settings.
+            if attempt == attempts or "timed out during startup" not in str(e):
+                raise
+            warnings.warn(f"Ray's local start failed ({e}); trying again ({attempt + 1})", stacklevel=2)
+            ray.shutdown()
     return local
 
 
