@@ -25,7 +25,8 @@ SHARE_THE_CLUSTER = ("tests/test_bench.py", "tests/test_job.py", "tests/test_job
 # cluster's files about 400 s, the fault chain 400-460, the notebook 100-150, test_pipeline 80,
 # test_data 40); the short ones follow in xdist's order. A worker whose scope has 2 tests or fewer
 # left takes the next at once, so the fault chain's worker runs the notebook after it, outside the
-# cluster's worker (nice 5: the notebook's local Ray must come up within Ray's fixed waits). Left to
+# cluster's worker (nice 5: the notebook's local Ray must come up within Ray's fixed waits, and
+# init_ray starts it again when it doesn't). Left to
 # xdist, which orders by the number of tests, the one-test fault chain came last and ran alone.
 LONGEST_FIRST = (
     "cluster",
