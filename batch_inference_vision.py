@@ -197,6 +197,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # Streaming repartition: small blocks keep every stage busy without a barrier.
     ds = ds.repartition(target_num_rows_per_block=preset.rows_per_block)
 
+    cluster = dict(ray.cluster_resources())
+    if len(done_ids):
+        cluster["CPU"] = cluster.get("CPU", 0) - 1  # SkipDone's actor holds one
     config = processor_config(
         preset,
         model_path,
@@ -207,6 +210,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         # less the ids already done: an output filled by another run may hold ids beyond the limit,
         # and a share too small would starve the engines (too large only splits less evenly).
         rows=args.limit,
+        cluster=cluster,  # the CPU stages' actors leave a CPU to read with
     )
     processor = build_caption_processor(config, model_name=model_name, **row_kwargs(preset))
     t_run = time.time()

@@ -544,6 +544,7 @@ def run_pipeline(args, shards: str, run: str) -> dict:
         batch_size=batch_size,
         concurrency=concurrency,
         rows=args.num_images,  # each replica takes in an even share of the run at most
+        cluster=ray.cluster_resources(),  # the CPU stages' actors leave a CPU to read with
     )
     if run == "original":  # the tutorial left Ray Data's default (2 x max_concurrent_batches)
         config = config.model_copy(update={"max_tasks_in_flight_per_actor": None})
@@ -603,6 +604,8 @@ def run_pipeline(args, shards: str, run: str) -> dict:
             # Ray Data's task is a block: the cap above holds this many rows per task.
             "rows_per_block": preset.rows_per_block,
             "separate_tokenizer_stages": preset.separate_tokenizer_stages,
+            # Each CPU stage's actor pool where the cluster is short of CPUs (None: the engines' pool).
+            "cpu_stage_pool": config.prepare_multimodal_stage["concurrency"],
             "image_size": preset.image_size,
             "prepared_images": preset.prepared_images,
             "placement_group_config": preset.placement_group_config,

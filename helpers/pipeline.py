@@ -5,6 +5,7 @@ The notebook writes the same configuration out field by field, to teach it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -23,12 +24,16 @@ def processor_config(
     concurrency: int | None = None,
     engine_kwargs: dict[str, Any] | None = None,
     rows: int | None = None,
+    cluster: Mapping[str, float] | None = None,
 ) -> vLLMEngineProcessorConfig:
     """The engine stage's configuration. `rows`: the run's size where it is known (the job's
-    --limit), so each replica takes in at most an even share of it."""
+    --limit), so each replica takes in at most an even share of it. `cluster`: the resources of
+    the cluster it runs on (`ray.cluster_resources()`), so that the CPU stages' actors leave a CPU
+    to read with (`Preset.cpu_stage_pool`)."""
     separate = preset.separate_tokenizer_stages
     replicas = concurrency or preset.concurrency
     batch = batch_size or preset.batch_size
+    stage_pool = preset.cpu_stage_pool((replicas, replicas), cluster)
     return vLLMEngineProcessorConfig(
         model_source=model,
         engine_kwargs=merge_engine_kwargs(preset.engine_kwargs, engine_kwargs),
@@ -44,10 +49,10 @@ def processor_config(
         max_pending_requests=preset.max_pending_requests,
         accelerator_type=preset.accelerator_type,
         placement_group_config=preset.placement_group_config,
-        prepare_multimodal_stage={"enabled": True},
-        chat_template_stage={"enabled": True},
-        tokenize_stage={"enabled": separate},
-        detokenize_stage={"enabled": separate},
+        prepare_multimodal_stage={"enabled": True, "concurrency": stage_pool},
+        chat_template_stage={"enabled": True, "concurrency": stage_pool},
+        tokenize_stage={"enabled": separate, "concurrency": stage_pool},
+        detokenize_stage={"enabled": separate, "concurrency": stage_pool},
         should_continue_on_error=True,
         log_engine_metrics=False,
     )

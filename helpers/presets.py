@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,6 +25,11 @@ from helpers.rows import PATCH_GRID
 # (141 GB, 140 GiB) three together peaked at 95-96 GiB and two at 80-84 GiB, more than an 80 GB GPU
 # holds; 94 and 96 GB GPUs are untried. A smaller GPU runs fewer (replicas_per_gpu_for).
 SHARED_GPU_MIN_BYTES = {2: 100 * 2**30, 3: 120 * 2**30}
+
+# CPUs kept free for the tasks that read the images and write the captions, beside the actors of the
+# engine and its CPU stages (Preset.cpu_stage_pool). One was enough on an H200's 16 CPUs: three
+# replicas and their stages held the other 15.
+READ_CPUS = 1
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -171,6 +177,45 @@ class Preset:
             concurrency=gpus * replicas_per_gpu,
             scale_up_concurrency=scale_up_gpus * replicas_per_gpu,
         )
+
+    @property
+    def cpu_stages(self) -> int:
+        """Ray Data LLM's CPU stages around the engine: prepare_multimodal and chat_template, and
+        tokenize and detokenize where they run apart from the engine."""
+        return 4 if self.separate_tokenizer_stages else 2
+
+    def cpu_stage_pool(
+        self, engine_pool: int | tuple[int, int], cluster: Mapping[str, float] | None
+    ) -> tuple[int, int] | None:
+        """The actor pool of each CPU stage for an engine pool of `engine_pool` replicas on a
+        cluster of `cluster` resources (`ray.cluster_resources()`), or None for Ray Data LLM's
+        default: the engine's pool.
+
+        Each stage actor and each engine replica holds one CPU (the replica its bundle's) for as
+        long as it lives, and the tasks that read the images need one more. Ray Data starts every
+        actor of a fixed pool whether the CPUs hold it or not, and then waits for ever for a CPU to
+        read with: four replicas and four stages of four actors take 20 CPUs, and on a 16-CPU
+        machine no row ever reaches the engines. So where the cluster is short, each stage gets as
+        many actors as fit (a fixed pool, at most the engines' starting replicas); where not even
+        one each fits, a ValueError says what to change. A cluster without the GPUs the engines
+        start on (an autoscaling cluster still at its head node) or unknown (`None`) keeps the
+        default: the nodes that bring the GPUs bring CPUs.
+        """
+        low, high = (engine_pool, engine_pool) if isinstance(engine_pool, int) else engine_pool
+        if cluster is None or cluster.get("GPU", 0) < low * self.gpu_share:
+            return None
+        cpus = cluster.get("CPU", 0)
+        engine_cpus = low * (self.placement_group_config or {}).get("bundle_per_worker", {}).get("CPU", 1)
+        fits = int((cpus - engine_cpus - READ_CPUS) // self.cpu_stages)
+        if fits < 1:
+            need = engine_cpus + self.cpu_stages + READ_CPUS
+            raise ValueError(
+                f"{low} engine replica(s) and {self.cpu_stages} CPU stages need at least {need:g} CPUs (one "
+                f"per replica, one per stage actor, {READ_CPUS} to read images); this cluster has {cpus:g}. "
+                "Run fewer engine replicas (REPLICAS_PER_GPU or CONCURRENCY; the job's --replicas-per-gpu "
+                "or --concurrency) or use a machine with more CPUs."
+            )
+        return None if fits >= low else (fits, fits)
 
     def replicas_per_gpu_for(self, gpu_bytes: int | None) -> int:
         """The engine replicas per GPU that a GPU of `gpu_bytes` holds: the most, up to the

@@ -6,18 +6,25 @@ runs for real on CPU in the benchmark's smoke test (tests/test_bench.py: every c
 from Ray's detokenize stage). Ray's vLLM stage returns only the finished output whatever the output
 kind, so FINAL_ONLY can't be seen in the results: the first test here checks the SamplingParams that
 stage builds from the rows.
-The rest check the presets' configuration without running the engine (a GPU is needed for
+Most of the rest check the presets' configuration without running the engine (a GPU is needed for
 that): the GPU preset's fixed pool of replicas and its queue of prepared requests, the rows a
 replica takes in at once (both presets, and with Ray Data for real: two replicas with the engine
 stage's settings, one up later than the other, both get rows), how the job's engine kwargs merge
-into the preset's, and the GPU preset's engine kwargs against the pinned vLLM.
+into the preset's, the GPU preset's engine kwargs against the pinned vLLM, and the CPU stages'
+pools. The last test runs the pipeline for real on a logical GPU shared by two engines, whose CPU
+stages would otherwise take every CPU.
 """
 
 import asyncio
 import copy
 import dataclasses
+import json
 import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +38,8 @@ from vllm.sampling_params import RequestOutputKind
 
 from helpers.pipeline import build_caption_processor, processor_config, row_kwargs
 from helpers.presets import get_preset, resolve_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_engine_stage_builds_final_only_no_detokenize_sampling_params(ray_local):
@@ -246,3 +255,88 @@ def test_the_gpu_presets_engine_kwargs_make_a_valid_engine_config_on_the_pinned_
     assert config.scheduler_config.max_num_batched_tokens == kwargs["max_num_batched_tokens"]
     assert max(kwargs["compilation_config"]["cudagraph_capture_sizes"]) == kwargs["max_num_seqs"]
     assert config.model_config.max_model_len == kwargs["max_model_len"]
+
+
+# Config only: Ray Data LLM gives each CPU stage the engine's pool of actors (a fixed pool of n:
+# n actors of one CPU each), and Ray Data starts them whether the CPUs hold them or not. The
+# preset keeps a CPU free to read with, where the cluster already has the engines' GPUs.
+def test_the_cpu_stages_leave_a_cpu_to_read_the_images_with():
+    gpu = get_preset(smoke_test=False)
+    assert gpu.cpu_stages == 4 and get_preset(smoke_test=True).cpu_stages == 2
+    h200 = {"CPU": 16.0, "GPU": 1.0}  # the device's machine
+    # Three replicas and their four stages hold 15 CPUs: the 16th reads. Ray Data's default stays.
+    assert gpu.cpu_stage_pool((3, 3), h200) is None
+    # Four replicas would take 20: two actors a stage, 4 + 8 + 1 = 13 CPUs.
+    four = gpu.sharing_gpus(4)
+    assert four.cpu_stage_pool((4, 4), h200) == (2, 2)
+    config = processor_config(four, resolve_model("tiny"), cluster=h200)
+    processor = build_caption_processor(config, model_name="x", **row_kwargs(four))
+    for name in ("PrepareMultimodalStage", "ChatTemplateStage", "TokenizeStage", "DetokenizeStage"):
+        compute = processor.get_stage_by_name(name).map_batches_kwargs["compute"]  # what Ray Data gets
+        assert (compute.min_size, compute.max_size) == (2, 2), name
+    # Unknown, or an autoscaling cluster still without the engines' GPUs: Ray Data LLM's default.
+    assert four.cpu_stage_pool((4, 4), None) is None
+    assert four.cpu_stage_pool((4, 4), {"CPU": 8.0}) is None
+    assert processor_config(four, resolve_model("tiny")).chat_template_stage["concurrency"] is None
+    # Not one actor a stage fits: say so before anything starts.
+    with pytest.raises(ValueError, match="need at least 9 CPUs .* this cluster has 8"):
+        four.cpu_stage_pool((4, 4), {"CPU": 8.0, "GPU": 1.0})
+    # The offline preset on its 8 logical CPUs: one engine, two stages.
+    assert get_preset(smoke_test=True).cpu_stage_pool((1, 1), {"CPU": 8.0}) is None
+
+
+# In a fresh process, a local Ray with 8 logical CPUs and one logical GPU, and the real pipeline on
+# the tiny model: two engine replicas sharing the "GPU" (vLLM's CPU backend runs them) and the GPU
+# preset's four CPU stages. With Ray Data LLM's default pools the stages' 8 actors and the engines'
+# 2 take 10 CPUs of 8: two actors never start, nothing is read, and no row ever comes out (as four
+# replicas on the device's 16-CPU H200, #29).
+STAGES_SCRIPT = """
+import dataclasses, json, time
+import ray
+from helpers.data import SAMPLE_SHARDS, read_images
+from helpers.pipeline import build_caption_processor, caption, processor_config, row_kwargs
+from helpers.presets import get_preset, resolve_model
+
+preset = dataclasses.replace(
+    get_preset(True),
+    placement_group_config={"bundle_per_worker": {"GPU": 0.5, "CPU": 1}},
+    separate_tokenizer_stages=True,
+    max_tokens=4,
+)
+ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, runtime_env=preset.runtime_env())
+ray.data.DataContext.get_current().enable_progress_bars = False
+cluster = ray.cluster_resources()
+config = processor_config(preset, resolve_model("tiny"), concurrency=2, rows=16, cluster=cluster)
+processor = build_caption_processor(config, model_name="tiny", **row_kwargs(preset))
+t = time.time()
+rows = caption(read_images(SAMPLE_SHARDS + "/*.tar").limit(16), processor, model_name="tiny").take_all()
+ids, errors = sorted(r["id"] for r in rows), [r["error"] for r in rows if r["error"]]
+pool = config.chat_template_stage["concurrency"]
+print("RESULT " + json.dumps({"ids": ids, "errors": errors, "pool": pool, "s": round(time.time() - t, 1)}))
+"""
+
+
+def test_engine_replicas_with_more_stage_actors_than_cpus_still_get_rows():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    # Its own session, so that a stalled run's Ray processes go with it.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STAGES_SCRIPT],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=420)  # about 90 s here
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"no result in 420 s (stalled?): {err[-1500:]}")
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, out[-2000:] + err[-3000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert result["pool"] == [1, 1]  # 2 replicas + 4 stages x 1 actor + 1 to read = 7 of 8 CPUs
+    assert len(result["ids"]) == 16 == len(set(result["ids"])) and not result["errors"]  # rows in = rows out
