@@ -24,6 +24,10 @@ Modes:
   pool    AsyncLLM with `renderer_num_workers` 1 and 2 (--workers), each in its own process,
           alternating: requests per second through `process_inputs_async` with every request of a
           round in flight at once (more threads share the process's GIL).
+  warmup  the renderer's warm-up (what Serve LLM's replica runs at start, and what the first request
+          of an engine that skipped it pays): the calls of vLLM 0.29's `_warmup_mm_processor`,
+          a dummy image built and processed, timed in a fresh process (--rounds of them, one
+          engine config and processor each, no engine), the first call and a second.
 
 The image processor's settings are the GPU preset's (`max_pixels` 224x224: 64 image tokens), with
 --smoke on the tiny model too (its own processor would make 16). Prints one JSON line per mode and
@@ -72,13 +76,14 @@ def parse_args(argv=None):
     p.add_argument("--model", help="model folder (default: the preset's)")
     p.add_argument("--dummy", action="store_true", help='load_format="dummy": random weights')
     p.add_argument(
-        "--modes", default="inputs,profile,pool", help="comma-separated subset of inputs,profile,pool"
+        "--modes", default="inputs,profile,pool", help="comma-separated subset of inputs,profile,pool,warmup"
     )
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--per-round", type=int, default=100, help="requests per variant and round")
     p.add_argument("--workers", default="1,2", help="pool mode: renderer_num_workers to compare")
     p.add_argument("--out", help="append the JSON lines to this file")
     p.add_argument("--pool-one", type=int, help=argparse.SUPPRESS)  # internal: one pool measurement
+    p.add_argument("--warmup-one", action="store_true", help=argparse.SUPPRESS)  # internal: one warm-up
     return p.parse_args(argv)
 
 
@@ -246,6 +251,52 @@ def pool_one(args, workers: int) -> dict:
         engine.shutdown()
 
 
+def warmup_one(args) -> dict:
+    """In this fresh process: the renderer warm-up's two calls (vllm/renderers/base.py,
+    `_warmup_mm_processor`) on the processor vLLM builds for the engine config, timed the first time
+    and a second time. vLLM builds the Hugging Face processor (and its tokenizer) lazily, at the
+    first call."""
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.processing import TimingContext
+
+    model, kwargs = engine_setup(args)
+    keep = ("max_model_len", "limit_mm_per_prompt", "mm_processor_kwargs", "dtype")
+    config = ModelConfig(model=model, **{k: v for k, v in kwargs.items() if k in keep})
+    processor = MULTIMODAL_REGISTRY.create_processor(config)
+    limits = {k: v for k, v in processor.info.allowed_mm_limits.items() if v > 0}
+    calls = []
+    for _ in range(2):
+        t = time.perf_counter()
+        inputs = processor.dummy_inputs.get_dummy_processor_inputs(
+            seq_len=config.max_model_len,
+            mm_counts=dict.fromkeys(limits, 1),
+            mm_options=config.get_multimodal_config().limit_per_prompt,
+        )
+        out = processor.apply(inputs, timing_ctx=TimingContext(enabled=False))
+        calls.append(round(time.perf_counter() - t, 3))
+    patches = {k: list(v.shape) for k, v in out["mm_kwargs"].get_data().items() if hasattr(v, "shape")}
+    return {"first_s": calls[0], "second_s": calls[1], "patches": patches}
+
+
+def measure_warmup(args) -> dict:
+    runs = []
+    for _ in range(args.rounds):
+        cmd = [sys.executable, __file__, "--warmup-one", *sys.argv[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("WARMUP ")]
+        if proc.returncode or not lines:
+            raise RuntimeError(f"warm-up run failed:\n{proc.stderr[-3000:]}")
+        runs.append(json.loads(lines[-1][7:]))
+    return {
+        "mode": "warmup",
+        "first_s": [r["first_s"] for r in runs],
+        "second_s": [r["second_s"] for r in runs],
+        "first_s_median": statistics.median(r["first_s"] for r in runs),
+        "patches": runs[-1]["patches"],
+    }
+
+
 def measure_pool(args) -> dict:
     workers = [int(w) for w in args.workers.split(",")]
     runs = {w: [] for w in workers}
@@ -265,8 +316,12 @@ def main(args) -> None:
     if args.pool_one:
         print("POOL " + json.dumps(pool_one(args, args.pool_one)), flush=True)
         return
+    if args.warmup_one:
+        print("WARMUP " + json.dumps(warmup_one(args)), flush=True)
+        return
     for mode in args.modes.split(","):
-        result = {"inputs": measure_inputs, "profile": measure_profile, "pool": measure_pool}[mode](args)
+        measure = {"inputs": measure_inputs, "profile": measure_profile, "pool": measure_pool}
+        result = {**measure, "warmup": measure_warmup}[mode](args)
         result.update(
             per_round=args.per_round,
             rounds=args.rounds,

@@ -196,15 +196,19 @@ def test_benchmark_smoke_measures_engine_pipeline_and_original_side_by_side(tmp_
 
 # The renderer benchmark's variants must differ only in where the work is done: each gives vLLM's
 # real processor (the tiny model's, with the GPU preset's image settings) the same prompt, and an
-# undecodable row's placeholder passes each, as bench_render.py's figures assume.
+# undecodable row's placeholder passes each, as bench_render.py's figures assume. Its warm-up mode
+# times the warm-up on the preset's image settings too: a 224x224 dummy, 64 tokens.
 def test_render_bench_variants_give_the_engine_the_same_prompt(tmp_path):
     out = tmp_path / "render.jsonl"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_render.py"), "--smoke", "--modes", "inputs"]
-    cmd += ["--rounds", "1", "--per-round", "2", "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_render.py"), "--smoke"]
+    cmd += ["--modes", "inputs,warmup", "--rounds", "1", "--per-round", "2", "--out", str(out)]
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    record, warmup = [json.loads(line) for line in out.read_text().splitlines()]
+    assert warmup["mode"] == "warmup" and len(warmup["first_s"]) == len(warmup["second_s"]) == 1
+    assert warmup["first_s"][0] >= warmup["second_s"][0] > 0
+    assert warmup["patches"]["pixel_values"] == [64 * 4, 1176]  # 4 patches of 14x14 make a token
     assert set(record["variants"]) == {"preset", "resized", "named", "prepared"}
     assert all(v["ms_per_request"] > 0 and len(v["rounds"]) == 1 for v in record["variants"].values())
     tokens, placeholder = record["prompt_tokens"], record["placeholder_prompt_tokens"]
