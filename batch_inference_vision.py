@@ -212,6 +212,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         rows=args.limit,
         cluster=cluster,  # the CPU stages' actors leave a CPU to read with
     )
+    stage_pool = config.chat_template_stage["concurrency"]
+    if stage_pool:
+        print(f"[job] {cluster.get('CPU', 0):g} CPUs: {stage_pool[0]} actor(s) per CPU stage", flush=True)
     processor = build_caption_processor(config, model_name=model_name, **row_kwargs(preset))
     t_run = time.time()
     sink = AtomicParquetDatasink(args.output)
