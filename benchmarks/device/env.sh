@@ -1,6 +1,6 @@
 # Environment for the pinned stack unpacked by run_step.sh (torch 2.13.0, vLLM 0.29.0, Ray 2.60.0).
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-export MODEL_DIR=/tmp/model/qwen25vl3b       # weightless Qwen2.5-VL-3B: use load_format="dummy"
+export MODEL_DIR=${MODEL_DIR:-/tmp/model/qwen25vl3b}  # weightless Qwen2.5-VL-3B: use load_format="dummy"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
   DO_NOT_TRACK=1 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 # flashinfer is not in the bundle: keep vLLM's sampler off it.
