@@ -202,7 +202,7 @@ class Preset:
         default: the nodes that bring the GPUs bring CPUs.
         """
         low, high = (engine_pool, engine_pool) if isinstance(engine_pool, int) else engine_pool
-        if cluster is None or cluster.get("GPU", 0) < low * self.gpu_share:
+        if cluster is None or cluster.get("GPU", 0) < low * self.gpu_share - 1e-6:  # shares are floats
             return None
         cpus = cluster.get("CPU", 0)
         engine_cpus = low * (self.placement_group_config or {}).get("bundle_per_worker", {}).get("CPU", 1)
