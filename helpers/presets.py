@@ -201,7 +201,7 @@ class Preset:
         start on (an autoscaling cluster still at its head node) or unknown (`None`) keeps the
         default: the nodes that bring the GPUs bring CPUs.
         """
-        low, high = (engine_pool, engine_pool) if isinstance(engine_pool, int) else engine_pool
+        low = engine_pool if isinstance(engine_pool, int) else engine_pool[0]  # the replicas that start
         if cluster is None or cluster.get("GPU", 0) < low * self.gpu_share - 1e-6:  # shares are floats
             return None
         cpus = cluster.get("CPU", 0)
