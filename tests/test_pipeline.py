@@ -295,15 +295,16 @@ import dataclasses, json, time
 import ray
 from helpers.data import SAMPLE_SHARDS, read_images
 from helpers.pipeline import build_caption_processor, caption, processor_config, row_kwargs
-from helpers.presets import get_preset, resolve_model
+from helpers.presets import get_preset, init_ray, resolve_model
 
 preset = dataclasses.replace(
     get_preset(True),
     placement_group_config={"bundle_per_worker": {"GPU": 0.5, "CPU": 1}},
     separate_tokenizer_stages=True,
     max_tokens=4,
+    ray_init_kwargs={"num_cpus": 8, "num_gpus": 1, "include_dashboard": False},
 )
-ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, runtime_env=preset.runtime_env())
+init_ray(preset)  # a local start, again if Ray's fixed start-up wait fails it on a busy machine
 ray.data.DataContext.get_current().enable_progress_bars = False
 cluster = ray.cluster_resources()
 config = processor_config(preset, resolve_model("tiny"), concurrency=2, rows=16, cluster=cluster)
