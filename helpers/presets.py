@@ -386,30 +386,37 @@ def init_ray(preset: Preset, runtime_env: dict[str, Any] | None = None, **kwargs
     start. `runtime_env` replaces the preset's (the benchmark's experiments add to it). Returns
     True when it started a local cluster.
     """
-    import ray
     from ray._private.services import canonicalize_bootstrap_address  # ray.init's own rule
 
     local = canonicalize_bootstrap_address(None) is None
-    attempts = LOCAL_START_ATTEMPTS if local else 1
+    start_ray(
+        attempts=LOCAL_START_ATTEMPTS if local else 1,
+        runtime_env=runtime_env or preset.runtime_env(),
+        ignore_reinit_error=True,
+        **(preset.ray_init_kwargs if local else {}),
+        **kwargs,
+    )
+    return local
+
+
+def start_ray(attempts: int = LOCAL_START_ATTEMPTS, **kwargs: Any) -> None:
+    """`ray.init(**kwargs)`, made again (up to `attempts` in all, a warning each) where a local
+    start fails Ray's fixed start-up wait. A local start's raylet waits a fixed 15 s for its agents
+    to report their ports, and on a busy machine they can miss it: "The current node timed out
+    during startup". Another start usually makes it (their imports are cached by then). Without
+    one, the next Ray call would start a default cluster without the caller's settings. Any other
+    error is raised at once."""
+    import ray
+
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(
-                runtime_env=runtime_env or preset.runtime_env(),
-                ignore_reinit_error=True,
-                **(preset.ray_init_kwargs if local else {}),
-                **kwargs,
-            )
-            break
+            ray.init(**kwargs)
+            return
         except Exception as e:
-            # A local start's raylet waits a fixed 15 s for its agents to report their ports, and
-            # on a busy machine they can miss it: "The current node timed out during startup".
-            # Another start usually makes it (their imports are cached by then). Without one, the
-            # next Ray call would start a default cluster without the preset's settings.
             if attempt == attempts or "timed out during startup" not in str(e):
                 raise
-            warnings.warn(f"Ray's local start failed ({e}); trying again ({attempt + 1})", stacklevel=2)
+            warnings.warn(f"Ray's local start failed ({e}); trying again ({attempt + 1})", stacklevel=3)
             ray.shutdown()
-    return local
 
 
 def resolve_model(model: str) -> str:

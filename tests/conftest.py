@@ -71,7 +71,10 @@ def ray_local():
     one for the session (each pytest-xdist worker has its own)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
+    from helpers.presets import start_ray
+
+    # Made again where the other worker's load makes it miss Ray's fixed start-up wait.
+    start_ray(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
