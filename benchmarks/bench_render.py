@@ -279,15 +279,19 @@ def warmup_one(args) -> dict:
     return {"first_s": calls[0], "second_s": calls[1], "patches": patches}
 
 
+def in_fresh_process(flag: list[str], prefix: str, what: str) -> dict:
+    """This script again in a process of its own with an internal `flag` (and this run's
+    arguments): the JSON of its last line that starts with `prefix`."""
+    cmd = [sys.executable, __file__, *flag, *sys.argv[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(prefix + " ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(prefix) + 1 :])
+
+
 def measure_warmup(args) -> dict:
-    runs = []
-    for _ in range(args.rounds):
-        cmd = [sys.executable, __file__, "--warmup-one", *sys.argv[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("WARMUP ")]
-        if proc.returncode or not lines:
-            raise RuntimeError(f"warm-up run failed:\n{proc.stderr[-3000:]}")
-        runs.append(json.loads(lines[-1][7:]))
+    runs = [in_fresh_process(["--warmup-one"], "WARMUP", "warm-up run") for _ in range(args.rounds)]
     return {
         "mode": "warmup",
         "first_s": [r["first_s"] for r in runs],
@@ -302,13 +306,12 @@ def measure_pool(args) -> dict:
     runs = {w: [] for w in workers}
     for order in (workers, workers[::-1]):  # each twice, alternating, each its own process
         for w in order:
-            cmd = [sys.executable, __file__, "--pool-one", str(w), *sys.argv[1:]]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("POOL ")]
-            if proc.returncode or not lines:
-                raise RuntimeError(f"pool run with {w} workers failed:\n{proc.stderr[-3000:]}")
-            runs[w].extend(json.loads(lines[-1][5:])["requests_per_s"])
+            one = in_fresh_process(["--pool-one", str(w)], "POOL", f"pool run with {w} workers")
+            runs[w].extend(one["requests_per_s"])
     return {"mode": "pool", "variants": medians(runs, "requests_per_s", "vs_first", digits=1)}
+
+
+MODES = {"inputs": measure_inputs, "profile": measure_profile, "pool": measure_pool, "warmup": measure_warmup}
 
 
 def main(args) -> None:
@@ -320,8 +323,7 @@ def main(args) -> None:
         print("WARMUP " + json.dumps(warmup_one(args)), flush=True)
         return
     for mode in args.modes.split(","):
-        measure = {"inputs": measure_inputs, "profile": measure_profile, "pool": measure_pool}
-        result = {**measure, "warmup": measure_warmup}[mode](args)
+        result = MODES[mode](args)
         result.update(
             per_round=args.per_round,
             rounds=args.rounds,
