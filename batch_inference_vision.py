@@ -149,10 +149,7 @@ def job_preset(args: argparse.Namespace) -> Preset:
         max_tokens=args.max_tokens or preset.max_tokens,
         rows_per_block=args.rows_per_block or preset.rows_per_block,
     )
-    replicas_per_gpu = args.replicas_per_gpu or preset.replicas_per_gpu_for(local_gpu_memory_bytes())
-    if replicas_per_gpu != preset.replicas_per_gpu:
-        preset = preset.sharing_gpus(replicas_per_gpu)
-    return preset
+    return preset.for_gpu(local_gpu_memory_bytes(), args.replicas_per_gpu)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -22,10 +22,14 @@ Two rates over a run's output, besides end to end:
   steady_images_per_s     rows out per second from the first output to the last, first wave
                           included: the requests admitted while the engines started come out
                           together right after the first output, so this overstates.
-  sustained_images_per_s  rows out per second after that first wave has come out (see
-                          first_wave_rows and sustained_rate), over `sustained_window_s` seconds;
-                          where the engines' KV caches filled, the first wave they ran
-                          (kv_bound_first_wave).
+  sustained_images_per_s  rows out per second after that first wave has come out and before
+                          the last (as large: the rows running once the input has run out come
+                          out together, several times faster; see sustained_rate), over
+                          `sustained_window_s` seconds; where the engines' KV caches filled, the
+                          waves they ran (kv_bound_first_wave). None where a run is too short to
+                          have such a window: choose N above two waves and 60 s of rows (the GPU
+                          preset on an H200 at 48 tokens: 40,000).
+  sustained_to_end_images_per_s  the same window run on to the last row, drain included.
 Prints one JSON line per run and appends them to --out. Each run's log is written as it comes,
 each line prefixed with its arrival time; each record gets `startup_breakdown` (when each start-up
 phase ended, seconds from t0, from Ray's and vLLM's own log lines: see STARTUP_MARKS),
@@ -87,7 +91,8 @@ def parse_args(argv=None):
         "--replicas-per-gpu",
         type=positive,
         help="Preset.sharing_gpus: engine replicas per GPU with their memory settings (1: vLLM sizes "
-        "the KV cache; the GPU preset runs 3)",
+        "the KV cache; default: as many as this GPU holds, as the notebook and the job pick: 3 on an "
+        "H200, 1 on an 80 GB H100)",
     )
     p.add_argument(
         "--separate-tokenizer-stages",
@@ -192,11 +197,11 @@ class GpuMemory:
 
 def settings(args, run: str):
     """(preset, batch_size, concurrency) for one run; the preset carries its engine_kwargs."""
-    from helpers.presets import get_preset, merge_engine_kwargs
+    from helpers.presets import get_preset, local_gpu_memory_bytes, merge_engine_kwargs
 
     preset = get_preset(args.smoke)
-    if args.replicas_per_gpu and run != "original":
-        preset = preset.sharing_gpus(args.replicas_per_gpu)
+    if run != "original":  # the replicas this GPU holds, as the notebook and the job pick them
+        preset = preset.for_gpu(local_gpu_memory_bytes(), args.replicas_per_gpu)
     if args.prepared_images and run != "original":
         preset = preset.preparing_images()
     # One level deep, so a variant that sets one compilation_config key keeps the preset's others.
@@ -276,21 +281,37 @@ def first_wave_rows(
     return replicas * min(max_num_seqs or VLLM_DEFAULT_MAX_NUM_SEQS, cap)
 
 
-def sustained_rate(points: list[tuple[float, int]], first_wave: int) -> tuple[float | None, float | None]:
-    """(rows per second, window in seconds) after the first wave, from PROGRESS points (seconds,
-    rows out so far): the slope from the point where `first_wave` rows were out to the last point.
+def sustained_rate(
+    points: list[tuple[float, int]], first_wave: int, last_wave: int = 0
+) -> tuple[float | None, float | None]:
+    """(rows per second, window in seconds) between the run's two end bursts, from PROGRESS points
+    (seconds, rows out so far): the slope from the point where `first_wave` rows were out to the
+    last point where no more than the run's rows less `last_wave` were out (with `last_wave` 0:
+    the last point). The bench passes the first wave as the last.
 
-    That point is the last one before rows out pass `first_wave` (or the one that meets it
+    The start is the last point before rows out pass `first_wave` (or the one that meets it
     exactly): rows come out in waves, each wave's rows together once they have been generated,
     so the first point past the first wave already holds part of the second wave's burst, and a
     window started there would count those rows without the time spent generating them.
-    (None, None) where no later point adds rows (the run never got past its first wave)."""
+    The end mirrors it. Once the input has run out and the engines' queues have emptied, the rows
+    still running (a wave as large as the first) need no admission work any more (the engine
+    core's scheduling and image processing of each new request, which paces the steady state):
+    they finish together and come out several times faster than the rows before them (3 to 30
+    times in the H100 and H200 runs of benchmarks/README.md). A window run on to the last row
+    counts that burst as throughput a long run never sees.
+    (None, None) where the run has no such window: it never got past its first wave, or the two
+    waves overlap (choose N above the two waves and 60 s of rows: 40,000 for the GPU preset on an
+    H200 at 48 tokens)."""
     points = sorted(points)
     past = next((i for i, (_, rows) in enumerate(points) if rows >= first_wave), None)
     if past is None:
         return None, None
     start = past if past == 0 or points[past][1] == first_wave else past - 1
-    (t_wave, rows_wave), (t_end, rows_end) = points[start], points[-1]
+    total = points[-1][1]
+    end = max((i for i, (_, rows) in enumerate(points) if rows <= total - last_wave), default=-1)
+    if end <= start:
+        return None, None
+    (t_wave, rows_wave), (t_end, rows_end) = points[start], points[end]
     if rows_end <= rows_wave or t_end <= t_wave or rows_end <= first_wave:
         return None, None
     return (rows_end - rows_wave) / (t_end - t_wave), t_end - t_wave
@@ -330,11 +351,14 @@ def apply_kv_bound(record: dict, lines: list[str]) -> dict:
     wave = kv_bound_first_wave(record)
     if wave is None:
         return record
-    rate, window = sustained_rate(progress_points(lines), wave)
+    points = progress_points(lines)
+    rate, window = sustained_rate(points, wave, wave)
+    to_end, _ = sustained_rate(points, wave)
     return {
         **record,
         "sustained_images_per_s": round(rate, 2) if rate else None,
         "sustained_window_s": round(window, 1) if window else None,
+        "sustained_to_end_images_per_s": round(to_end, 2) if to_end else None,
         "first_wave_rows": wave,
         "first_wave_rows_configured": record["first_wave_rows"],
     }
@@ -631,7 +655,12 @@ def one(args) -> None:
     n = result["images"]
     steady_n = result.pop("steady_images", n)
     first_wave = result.pop("first_wave_rows")
-    sustained, window = sustained_rate(result.pop("progress"), first_wave) if first_wave else (None, None)
+    points = result.pop("progress")
+    # LLM.chat ("engine") and the bench's own async loop (engine_async) take every request at once:
+    # the whole run after the first wave is the drain, and their window runs to the end.
+    last_wave = first_wave if run in ("pipeline", "original", "fp8") else 0
+    sustained, window = sustained_rate(points, first_wave, last_wave) if first_wave else (None, None)
+    to_end, _ = sustained_rate(points, first_wave) if first_wave else (None, None)
     # Steady: first output to last, first wave included. LLM.chat ("engine") returns all outputs
     # together at the end, so its steady window is the whole generate call (start of generation
     # to last output).
@@ -648,6 +677,9 @@ def one(args) -> None:
         "sustained_images_per_s": round(sustained, 2) if sustained else None,
         "sustained_window_s": round(window, 1) if window else None,
         "first_wave_rows": first_wave,
+        # The window run on to the last row, the engines' drain included: how earlier records
+        # counted their sustained figure, kept to compare with them.
+        "sustained_to_end_images_per_s": round(to_end, 2) if to_end else None,
         "max_tokens": args.max_tokens,
         "startup_s": result["startup_s"],
         "e2e_s": round(result["e2e_s"], 1),

@@ -211,11 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     from helpers.rows import finalize
 
     preset = get_preset(smoke_test=args.smoke or os.environ.get("SMOKE_TEST") == "1")
-    if preset.gpu_share:
-        # The notebook's choice for this GPU, with the memory settings that go with it.
-        per_gpu = preset.replicas_per_gpu_for(local_gpu_memory_bytes())
-        if per_gpu != preset.replicas_per_gpu:
-            preset = preset.sharing_gpus(per_gpu)
+    preset = preset.for_gpu(local_gpu_memory_bytes())  # the notebook's choice for this GPU
     args.replicas = args.replicas or preset.replicas_per_gpu
     model = args.model or preset.model
     model_source = resolve_model(model)

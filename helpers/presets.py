@@ -229,6 +229,16 @@ class Preset:
         ]
         return max(fits, default=1)
 
+    def for_gpu(self, gpu_bytes: int | None, replicas_per_gpu: int | None = None) -> Preset:
+        """This preset with `replicas_per_gpu` engine replicas per GPU, or where that is None the
+        most a GPU of `gpu_bytes` holds (`replicas_per_gpu_for`), with the memory settings that go
+        with them (`sharing_gpus`); unchanged on CPU. What the job, the benchmarks and the notebook
+        run on the GPU they find: the preset's three on a GPU under 100 GiB would not start."""
+        if not self.gpu_share:
+            return self
+        per_gpu = replicas_per_gpu or self.replicas_per_gpu_for(gpu_bytes)
+        return self if per_gpu == self.replicas_per_gpu else self.sharing_gpus(per_gpu)
+
     def runtime_env(self) -> dict[str, Any]:
         """For `ray.init`: ship `helpers` and the preset's environment to every Ray worker."""
         return {"py_modules": [helpers.__path__[0]], "env_vars": dict(self.env_vars)}

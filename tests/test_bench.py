@@ -11,6 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_vision  # noqa: E402  (benchmarks/ is no package)
+import pytest  # noqa: E402
+from conftest import gpus_reporting  # noqa: E402
 
 from helpers.presets import get_preset  # noqa: E402
 
@@ -44,6 +46,29 @@ def test_sustained_rate_does_not_count_the_second_wave_without_its_generation_ti
     assert abs(rate - 204.8) / 204.8 < 0.01 and abs(window - 60) < 0.1, (rate, window)
 
 
+def test_sustained_rate_stops_before_the_last_wave():
+    # Three replicas run 6,144 rows at once. The first wave comes out in 2 s, then 350 rows a
+    # second while each row out lets a new one in; once the queues have emptied, the last 6,144
+    # rows running need no admission work and come out together in 3 s.
+    points = []
+    for rows in range(512, 6145, 512):
+        bench_vision.progress(points, rows, 100 + 2 * rows / 6144, 0)
+    for rows in range(6144 + 500, 23856, 500):
+        bench_vision.progress(points, rows, 102 + (rows - 6144) / 350, 0)
+    t_last = 102 + (23856 - 6144) / 350
+    for rows in range(23856, 30001, 512):
+        bench_vision.progress(points, rows, t_last + 3 * (rows - 23856) / 6144, 0)
+    bench_vision.progress(points, 30000, t_last + 3, 0, last=True)
+    rate, window = bench_vision.sustained_rate(points, first_wave=6144, last_wave=6144)
+    assert abs(rate - 350) < 1 and window > 45, (rate, window)
+    # Run on to the last row, the window counts the last wave's burst as throughput.
+    to_end, _ = bench_vision.sustained_rate(points, first_wave=6144)
+    assert to_end > 1.2 * rate
+    # A run whose two waves overlap has no sustained window.
+    short = [(t, r) for t, r in points if r <= 12000] + [(points[-1][0], 12000)]
+    assert bench_vision.sustained_rate(short, first_wave=6144, last_wave=6144) == (None, None)
+
+
 # The PROGRESS points of a three-replica run at 256 tokens on the H200 (r3-256-c2 in
 # benchmarks/results/2026-12-05-h200-r3-pairs.jsonl): its engines' KV caches filled (99.9%) and each
 # ran a median of 1,290.5 of its 2,048 sequences, so the first burst ended near 4,544 rows and a
@@ -69,9 +94,12 @@ def test_where_the_kv_cache_filled_the_first_wave_is_what_the_engines_ran():
     }
     out = bench_vision.apply_kv_bound(record, lines)
     assert (out["first_wave_rows"], out["first_wave_rows_configured"]) == (3871, 6144)
-    # From 3,520 rows at 207.7 s (the last point before 3,871) to the end: 13,480 rows in 76.2 s.
-    assert (out["sustained_images_per_s"], out["sustained_window_s"]) == (176.9, 76.2)
-    assert configured_rate > 1.1 * out["sustained_images_per_s"]  # the skipped slow stretch
+    # From 3,520 rows at 207.7 s (the last point before 3,871) to 13,056 at 281.9 s (the last
+    # point before the last wave, the final 3,871 rows): 9,536 rows in 74.2 s. Run on to the end,
+    # the window counted the last 4,456 rows, out in 2.2 s, as well.
+    assert (out["sustained_images_per_s"], out["sustained_window_s"]) == (128.52, 74.2)
+    assert out["sustained_to_end_images_per_s"] == 176.9
+    assert configured_rate > 1.1 * out["sustained_to_end_images_per_s"]  # the skipped slow stretch
     # A cache that never filled (the two-replica runs: 82%) leaves the record as the run made it.
     roomy = {**record, "engine_stats": {"running_median": 1929.0, "kv_cache_usage_pct_max": 82.4}}
     assert bench_vision.apply_kv_bound(roomy, lines) == roomy
@@ -260,3 +288,26 @@ def test_serve_prototype_rows_cross_to_the_deployment_as_plain_dicts(tmp_path):
     failed = {"image_id": "b", "decode_error": None, "error": {"message": "prompt too long", "code": 400}}
     out = serve_prototype.serve_response(failed, model="tiny")
     assert out["id"] == "b" and out["caption"] is None and "prompt too long" in out["error"]
+
+
+# The bench runs the engines the notebook and the job would run on the GPU it finds: the preset's
+# three replicas with their fixed KV caches need more than an H100's 80 GB (they ran out of memory
+# there: results/2026-12-05-h100-replicas.jsonl), so an H100 gets one unless --replicas-per-gpu says.
+@pytest.mark.parametrize(
+    ("gpus", "options", "replicas"),
+    [
+        ("143771, Disabled", [], 3),
+        ("81559, Disabled", [], 1),
+        ("81559, Disabled", ["--replicas-per-gpu", "2"], 2),
+    ],
+    ids=["H200", "H100", "H100-told-2"],
+)
+def test_the_bench_runs_as_many_engines_per_gpu_as_the_gpu_holds(
+    tmp_path, monkeypatch, gpus, options, replicas
+):
+    monkeypatch.setenv("PATH", gpus_reporting(tmp_path, gpus))
+    preset, _, concurrency = bench_vision.settings(bench_vision.parse_args(options), "pipeline")
+    assert (preset.replicas_per_gpu, concurrency) == (replicas, replicas)
+    # The original tutorial's settings are their own: one engine on a whole GPU, whatever the GPU.
+    original, _, concurrency = bench_vision.settings(bench_vision.parse_args(options), "original")
+    assert (original.placement_group_config, concurrency) == (None, 1)

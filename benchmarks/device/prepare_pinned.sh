@@ -6,7 +6,7 @@
 # It reuses the first kit's model-folder and notebook scripts (../shared/device, or SHARED_KIT=...)
 # and writes .device-pinned/ (git-excluded; it travels only when named in `carry`):
 #   .device-pinned/kit/   these scripts, the first kit's scripts, manifest.txt
-#   .device-pinned/cN/    59 MiB pieces of one stream of files (a call carries 64 MiB, the ~4 MiB
+#   .device-pinned/cN/    57 MiB pieces of one stream of files (a call carries 64 MiB, the ~5 MiB
 #                         project tree included): the torch and NCCL wheels first (torch can be
 #                         checked on the GPU before the rest travels), then torchvision, triton,
 #                         vllm, ray, the small wheels and the model folder (model.tgz)
@@ -72,11 +72,11 @@ for f in $files; do
 done
 mkdir -p ../bundle
 # shellcheck disable=SC2086  # a list of files
-cat $files | (cd ../bundle && split -b 59M -d -a 2 - part_)
+cat $files | (cd ../bundle && split -b 57M -d -a 2 - part_)
 cd ..
 i=1; for p in bundle/part_*; do mkdir -p c$i; mv "$p" c$i/; i=$((i + 1)); done
 rmdir bundle
 du -sh kit c* | tr '\n' ' '; echo
 # ls sorts its arguments, so NCCL comes first in the stream and torch ends later: take the later end.
 torch_end=$(awk '$1 ~ /^(torch|nvidia_nccl_cu13)-/ {e = $2 + $3; if (e > m) m = e} END {print m}' kit/manifest.txt)
-echo "stream $((off / 1048576)) MiB in $((i - 1)) pieces; torch and NCCL end in c$(((torch_end + 61865983) / 61865984))"
+echo "stream $((off / 1048576)) MiB in $((i - 1)) pieces; torch and NCCL end in c$(((torch_end + 59768831) / 59768832))"
