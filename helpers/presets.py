@@ -232,8 +232,9 @@ class Preset:
     def for_gpu(self, gpu_bytes: int | None, replicas_per_gpu: int | None = None) -> Preset:
         """This preset with `replicas_per_gpu` engine replicas per GPU, or where that is None the
         most a GPU of `gpu_bytes` holds (`replicas_per_gpu_for`), with the memory settings that go
-        with them (`sharing_gpus`); unchanged on CPU. What the job, the benchmarks and the notebook
-        run on the GPU they find: the preset's three on a GPU under 100 GiB would not start."""
+        with them (`sharing_gpus`); unchanged on CPU. What the job and the benchmarks run on the GPU
+        they find (the notebook spells out the same two steps): the preset's three, with their
+        fixed KV caches, run out of memory on an 80 GB GPU."""
         if not self.gpu_share:
             return self
         per_gpu = replicas_per_gpu or self.replicas_per_gpu_for(gpu_bytes)
