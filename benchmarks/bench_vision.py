@@ -30,6 +30,7 @@ Two rates over a run's output, besides end to end:
                           have such a window: choose N above two waves and 60 s of rows (the GPU
                           preset on an H200 at 48 tokens: 40,000).
   sustained_to_end_images_per_s  the same window run on to the last row, drain included.
+  n_for_window            where the window is under 60 s or missing: the N that would hold 60 s.
 Prints one JSON line per run and appends them to --out. Each run's log is written as it comes,
 each line prefixed with its arrival time; each record gets `startup_breakdown` (when each start-up
 phase ended, seconds from t0, from Ray's and vLLM's own log lines: see STARTUP_MARKS),
@@ -42,6 +43,7 @@ import argparse
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -315,6 +317,16 @@ def sustained_rate(
     if rows_end <= rows_wave or t_end <= t_wave or rows_end <= first_wave:
         return None, None
     return (rows_end - rows_wave) / (t_end - t_wave), t_end - t_wave
+
+
+# The sustained window the bench aims for, in seconds.
+WINDOW_AIM_S = 60
+
+
+def images_for_window(first_wave: int, last_wave: int, rate: float | None) -> int | None:
+    """The N whose sustained window would hold WINDOW_AIM_S seconds at `rate` rows a second: both
+    waves and the window's rows. None without a rate."""
+    return first_wave + last_wave + math.ceil(rate * WINDOW_AIM_S) if rate else None
 
 
 # vLLM's KV cache this full (its highest stat line, in percent): the engines ran fewer sequences
@@ -661,6 +673,7 @@ def one(args) -> None:
     last_wave = first_wave if run in ("pipeline", "original", "fp8") else 0
     sustained, window = sustained_rate(points, first_wave, last_wave) if first_wave else (None, None)
     to_end, _ = sustained_rate(points, first_wave) if first_wave else (None, None)
+    steady_rate = steady_n / result["steady_s"] if steady_n and result["steady_s"] > 0 else None
     # Steady: first output to last, first wave included. LLM.chat ("engine") returns all outputs
     # together at the end, so its steady window is the whole generate call (start of generation
     # to last output).
@@ -671,15 +684,17 @@ def one(args) -> None:
         "tokens_ok": n == args.num_images and all(t == args.max_tokens for t in tokens),
         "empty_captions": result.get("empty_captions"),  # counted where the pipeline writes captions
         "e2e_images_per_s": round(n / result["e2e_s"], 2),
-        "steady_images_per_s": round(steady_n / result["steady_s"], 2)
-        if steady_n and result["steady_s"] > 0
-        else None,
+        "steady_images_per_s": round(steady_rate, 2) if steady_rate else None,
         "sustained_images_per_s": round(sustained, 2) if sustained else None,
         "sustained_window_s": round(window, 1) if window else None,
         "first_wave_rows": first_wave,
         # The window run on to the last row, the engines' drain included: how earlier records
         # counted their sustained figure, kept to compare with them.
         "sustained_to_end_images_per_s": round(to_end, 2) if to_end else None,
+        # Where the window is short of WINDOW_AIM_S (or missing): the N that would hold it.
+        "n_for_window": images_for_window(first_wave or 0, last_wave, sustained or steady_rate)
+        if not window or window < WINDOW_AIM_S
+        else None,
         "max_tokens": args.max_tokens,
         "startup_s": result["startup_s"],
         "e2e_s": round(result["e2e_s"], 1),

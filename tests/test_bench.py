@@ -64,6 +64,9 @@ def test_sustained_rate_stops_before_the_last_wave():
     # Run on to the last row, the window counts the last wave's burst as throughput.
     to_end, _ = bench_vision.sustained_rate(points, first_wave=6144)
     assert to_end > 1.2 * rate
+    # N for a 60 s window at that rate: both waves and 60 s of rows.
+    assert bench_vision.images_for_window(6144, 6144, rate) == 12288 + 21000
+    assert bench_vision.images_for_window(6144, 6144, None) is None
     # A run whose two waves overlap has no sustained window.
     short = [(t, r) for t, r in points if r <= 12000] + [(points[-1][0], 12000)]
     assert bench_vision.sustained_rate(short, first_wave=6144, last_wave=6144) == (None, None)
