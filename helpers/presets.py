@@ -232,10 +232,11 @@ class Preset:
     def for_gpu(self, gpu_bytes: int | None, replicas_per_gpu: int | None = None) -> Preset:
         """This preset with `replicas_per_gpu` engine replicas per GPU, or where that is None the
         most a GPU of `gpu_bytes` holds (`replicas_per_gpu_for`), with the memory settings that go
-        with them (`sharing_gpus`); unchanged on CPU. What the job and the benchmarks run on the GPU
-        they find (the notebook spells out the same two steps): the preset's three, with their
-        fixed KV caches, run out of memory on an 80 GB GPU."""
-        if not self.gpu_share:
+        with them (`sharing_gpus`); a CPU preset unchanged, unless told to share a GPU (then
+        `sharing_gpus`' error). What the job and the benchmarks run on the GPU they find (the
+        notebook spells out the same two steps): the preset's three, with their fixed KV caches,
+        run out of memory on an 80 GB GPU."""
+        if not self.gpu_share and replicas_per_gpu is None:
             return self
         per_gpu = replicas_per_gpu or self.replicas_per_gpu_for(gpu_bytes)
         return self if per_gpu == self.replicas_per_gpu else self.sharing_gpus(per_gpu)

@@ -62,3 +62,9 @@ def test_the_job_runs_as_many_engines_per_gpu_as_the_gpu_holds(
     preset = job_preset(parse_args(["--output", str(tmp_path / "out"), *options]))
     assert preset.replicas_per_gpu == replicas
     assert ("kv_cache_memory_bytes" in preset.engine_kwargs) == (replicas > 1)
+
+
+def test_the_job_says_so_when_told_to_share_a_gpu_it_does_not_use(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", gpus_reporting(tmp_path, "143771, Disabled"))
+    with pytest.raises(ValueError, match="runs on CPU"):
+        job_preset(parse_args(["--output", str(tmp_path / "out"), "--smoke", "--replicas-per-gpu", "2"]))
