@@ -670,7 +670,7 @@ def one(args) -> None:
     points = result.pop("progress")
     # LLM.chat ("engine") and the bench's own async loop (engine_async) take every request at once:
     # the whole run after the first wave is the drain, and their window runs to the end.
-    last_wave = first_wave if run in ("pipeline", "original", "fp8") else 0
+    last_wave = 0 if run in ("engine", "engine_async") else first_wave
     sustained, window = sustained_rate(points, first_wave, last_wave) if first_wave else (None, None)
     to_end, _ = sustained_rate(points, first_wave) if first_wave else (None, None)
     steady_rate = steady_n / result["steady_s"] if steady_n and result["steady_s"] > 0 else None

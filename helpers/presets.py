@@ -128,13 +128,19 @@ class Preset:
         return max(1, tasks)
 
     @property
+    def bundle(self) -> dict[str, float]:
+        """Each engine replica's resources: placement_group_config's bundle, or a whole GPU where
+        there is no placement_group_config (Ray Data LLM's default)."""
+        if self.placement_group_config is None:
+            return {"GPU": 1}
+        return dict(self.placement_group_config.get("bundle_per_worker", {}))
+
+    @property
     def gpu_share(self) -> float:
         """Each engine replica's share of a GPU: placement_group_config's bundle's, a whole GPU where
         there is no placement_group_config (Ray Data LLM's default), 0 where the bundle names no
         GPU (the offline preset, on CPU)."""
-        if self.placement_group_config is None:
-            return 1
-        return self.placement_group_config.get("bundle_per_worker", {}).get("GPU") or 0
+        return self.bundle.get("GPU") or 0
 
     @property
     def replicas_per_gpu(self) -> int:
@@ -205,7 +211,7 @@ class Preset:
         if cluster is None or cluster.get("GPU", 0) < low * self.gpu_share - 1e-6:  # shares are floats
             return None
         cpus = cluster.get("CPU", 0)
-        engine_cpus = low * (self.placement_group_config or {}).get("bundle_per_worker", {}).get("CPU", 1)
+        engine_cpus = low * self.bundle.get("CPU", 1)
         fits = int((cpus - engine_cpus - READ_CPUS) // self.cpu_stages)
         if fits < 1:
             need = engine_cpus + self.cpu_stages + READ_CPUS
