@@ -43,6 +43,28 @@ RAY_CORE_ACTOR_RESTARTS = re.compile(
     r"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(.*max_restarts > 0"
 )
 
+# init_ray's retry where a loaded machine's raylet or GCS is slow to come up (seen on the 2-core CI
+# machine under two test workers): the start it retries is not a setting's to prevent. Python
+# prints the warning's line, then the source line that called init_ray.
+RAY_START_RETRY = re.compile(
+    r"UserWarning: Ray's local start failed \(.*timed out during startup.*\); trying again"
+)
+
+
+def without_ray_start_retries(lines: list[str]) -> list[str]:
+    """`lines` less init_ray's retry warnings, each with the source line Python prints after it."""
+    kept, skip_source = [], False
+    for line in lines:
+        if RAY_START_RETRY.search(line):
+            skip_source = True
+            continue
+        if skip_source and line.startswith("  "):
+            skip_source = False
+            continue
+        skip_source = False
+        kept.append(line)
+    return kept
+
 
 def nbval_run(session) -> list[dict] | None:
     """The notebook's cells as nbval ran them in this pytest session, if it ran every one."""
@@ -91,7 +113,7 @@ def test_every_cell_prints_a_few_lines_and_no_preventable_warnings(executed):
     code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
     total = 0
     for cell in code:
-        lines = stream_lines(cell)
+        lines = without_ray_start_retries(stream_lines(cell))
         total += len(lines)
         first = "".join(cell["source"]).splitlines()[0]
         assert len(lines) <= MAX_LINES_PER_CELL, (first, len(lines), lines[:40])
@@ -103,12 +125,27 @@ def test_every_cell_prints_a_few_lines_and_no_preventable_warnings(executed):
             line
             for o in cell.get("outputs", [])
             if o.get("name") == "stderr"
-            for line in "".join(o["text"]).splitlines()
+            for line in without_ray_start_retries("".join(o["text"]).splitlines())
             if not RAY_CORE_ACTOR_RESTARTS.search(line)
         ]
         assert not stderr, (first, stderr)
         assert not [o for o in cell.get("outputs", []) if o["output_type"] == "error"], first
     assert total < MAX_LINES_IN_ALL, total
+
+
+def test_only_init_rays_retry_is_let_through():
+    """The exemption above lets init_ray's retry through and nothing else, its source line included."""
+    retry = (
+        "/tmp/ipykernel_1/1.py:9: UserWarning: Ray's local start failed (The current node timed out during "
+        "startup. This could happen because some of the raylet failed to startup or the GCS has become "
+        "overloaded.); trying again (2)"
+    )
+    source = '  init_ray(PRESET, log_to_driver=False, logging_level="WARNING")'
+    assert without_ray_start_retries([retry, source, "preset=smoke"]) == ["preset=smoke"]
+    other = "/tmp/ipykernel_1/1.py:9: UserWarning: something else"
+    assert without_ray_start_retries([other, source]) == [other, source]
+    failed = "UserWarning: Ray's local start failed (connection refused); trying again (2)"
+    assert without_ray_start_retries([failed]) == [failed]
 
 
 def test_deterministic_outputs_are_as_written(executed):
