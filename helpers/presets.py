@@ -133,7 +133,7 @@ class Preset:
         there is no placement_group_config (Ray Data LLM's default)."""
         if self.placement_group_config is None:
             return {"GPU": 1}
-        return dict(self.placement_group_config.get("bundle_per_worker", {}))
+        return dict(self.placement_group_config.get("bundle_per_worker") or {})
 
     @property
     def gpu_share(self) -> float:
@@ -158,7 +158,7 @@ class Preset:
         cache however many replicas share it."""
         if replicas_per_gpu < 1:
             raise ValueError(f"replicas_per_gpu must be 1 or more, not {replicas_per_gpu}")
-        bundle = dict((self.placement_group_config or {}).get("bundle_per_worker") or {"GPU": 1})
+        bundle = self.bundle or {"GPU": 1}  # an empty bundle is taken as a whole GPU
         if not bundle.get("GPU"):
             raise ValueError(f"the {self.name} preset runs on CPU: it has no GPU to share")
         bundle.update(GPU=1 / replicas_per_gpu, CPU=bundle.get("CPU", 1))
