@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--replicas-per-gpu",
         type=positive,
         help="engine replicas on each GPU (GPU preset: 3 where the driver's machine has GPUs of 120 GiB "
-        "or more, 2 from 100 GiB, else 1)",
+        "or more, 2 from 75 GiB, else 1)",
     )
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--rows-per-block", type=int, help="rows per block of the streaming repartition")

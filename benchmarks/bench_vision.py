@@ -94,7 +94,7 @@ def parse_args(argv=None):
         type=positive,
         help="Preset.sharing_gpus: engine replicas per GPU with their memory settings (1: vLLM sizes "
         "the KV cache; default: as many as this GPU holds, as the notebook and the job pick: 3 on an "
-        "H200, 1 on an 80 GB H100)",
+        "H200, 2 on an 80 GB H100)",
     )
     p.add_argument(
         "--separate-tokenizer-stages",

@@ -22,9 +22,16 @@ from helpers.data import SAMPLE_SHARDS
 from helpers.rows import PATCH_GRID
 
 # The GPU memory that n engine replicas of the GPU preset sharing one GPU need, by n: on an H200
-# (141 GB, 140 GiB) three together peaked at 95-96 GiB and two at 80-84 GiB, more than an 80 GB GPU
-# holds; 94 and 96 GB GPUs are untried. A smaller GPU runs fewer (replicas_per_gpu_for).
-SHARED_GPU_MIN_BYTES = {2: 100 * 2**30, 3: 120 * 2**30}
+# (141 GB, 140 GiB) three together peaked at 95-96 GiB; on an 80 GB H100 (79.6 GiB) two with the
+# smaller KV caches of SMALL_GPU_KV_BYTES peaked at 56 GiB. 94 and 96 GB GPUs are untried. A smaller
+# GPU runs one (replicas_per_gpu_for), whose KV cache vLLM sizes from the GPU's memory.
+SHARED_GPU_MIN_BYTES = {2: 75 * 2**30, 3: 120 * 2**30}
+# On a GPU under SMALL_GPU_BYTES the replicas split SMALL_GPU_KV_BYTES of KV cache, not the preset's
+# 56 GiB: each replica also holds about 13 GiB of weights, activations and CUDA graphs, so two with
+# 28 GiB caches would not fit in 80 GB. Two caches of 15 GiB hold 2,240 sequences of a 256-token
+# caption together, more than one replica's 2,048.
+SMALL_GPU_BYTES = 100 * 2**30
+SMALL_GPU_KV_BYTES = 30 * 2**30
 
 # CPUs kept free for the tasks that read the images and write the captions, beside the actors of the
 # engine and its CPU stages (Preset.cpu_stage_pool). One was enough on an H200's 16 CPUs: three
@@ -148,14 +155,15 @@ class Preset:
         the preset runs on a GPU at all)."""
         return max(1, round(1 / (self.gpu_share or 1)))
 
-    def sharing_gpus(self, replicas_per_gpu: int) -> Preset:
+    def sharing_gpus(self, replicas_per_gpu: int, gpu_bytes: int | None = None) -> Preset:
         """This GPU preset with `replicas_per_gpu` engine replicas on each GPU, on as many GPUs
         as before (`concurrency` and `scale_up_concurrency` count replicas). One per GPU: vLLM
-        sizes the KV cache itself from 90% of the GPU, as on a GPU under 100 GiB. More: each
+        sizes the KV cache itself from 90% of the GPU, as on a GPU under 75 GiB. More: each
         replica gets a fixed KV cache (sized by a fraction of the GPU, engines that start together
         each count the other's memory as their own, and the last finds none left for its cache),
-        the preset's share of the GPU's KV cache split between them: the GPU holds the same KV
-        cache however many replicas share it."""
+        the preset's KV cache per GPU split between them: the GPU holds the same KV cache however
+        many replicas share it. On a GPU of `gpu_bytes` under 100 GiB they split
+        SMALL_GPU_KV_BYTES instead (None: the size is unknown, and the preset's is kept)."""
         if replicas_per_gpu < 1:
             raise ValueError(f"replicas_per_gpu must be 1 or more, not {replicas_per_gpu}")
         bundle = self.bundle or {"GPU": 1}  # an empty bundle is taken as a whole GPU
@@ -172,6 +180,8 @@ class Preset:
                     "replicas that share a GPU need a fixed kv_cache_memory_bytes in engine_kwargs"
                 )
             per_gpu = self.engine_kwargs["kv_cache_memory_bytes"] * self.replicas_per_gpu
+            if gpu_bytes is not None and gpu_bytes < SMALL_GPU_BYTES:
+                per_gpu = min(per_gpu, SMALL_GPU_KV_BYTES)
             engine_kwargs["kv_cache_memory_bytes"] = per_gpu // replicas_per_gpu
         gpus, scale_up_gpus = (
             max(1, round(r / self.replicas_per_gpu)) for r in (self.concurrency, self.scale_up_concurrency)
@@ -225,7 +235,7 @@ class Preset:
 
     def replicas_per_gpu_for(self, gpu_bytes: int | None) -> int:
         """The engine replicas per GPU that a GPU of `gpu_bytes` holds: the most, up to the
-        preset's, whose `SHARED_GPU_MIN_BYTES` it has (the GPU preset: 3 from 120 GiB, 2 from 100
+        preset's, whose `SHARED_GPU_MIN_BYTES` it has (the GPU preset: 3 from 120 GiB, 2 from 75
         GiB; never more than it lists), else one; one where the size is unknown (`None`: no GPU
         on this machine, such as a cluster's CPU head node), as one always fits."""
         if gpu_bytes is None:
@@ -245,7 +255,10 @@ class Preset:
         if not self.gpu_share and replicas_per_gpu is None:
             return self
         per_gpu = replicas_per_gpu or self.replicas_per_gpu_for(gpu_bytes)
-        return self if per_gpu == self.replicas_per_gpu else self.sharing_gpus(per_gpu)
+        small = gpu_bytes is not None and gpu_bytes < SMALL_GPU_BYTES and per_gpu > 1
+        if per_gpu == self.replicas_per_gpu and not small:  # the preset's replicas and KV caches fit
+            return self
+        return self.sharing_gpus(per_gpu, gpu_bytes)
 
     def runtime_env(self) -> dict[str, Any]:
         """For `ray.init`: ship `helpers` and the preset's environment to every Ray worker."""
@@ -292,7 +305,8 @@ PRESETS: dict[str, Preset] = {
             # Engines that share a GPU each get a fixed KV cache, a third of 56 GiB. Sized by a
             # fraction of the GPU instead, the engines measure their memory at once, each counts
             # the others' as its own, and the last finds none left for its cache. The three
-            # together peak at about 96 GiB; a GPU under 120 GiB runs fewer (replicas_per_gpu_for).
+            # together peak at about 96 GiB; a GPU under 120 GiB runs fewer (replicas_per_gpu_for), and
+            # under 100 GiB they split a smaller cache (sharing_gpus).
             "gpu_memory_utilization": 0.3,
             "kv_cache_memory_bytes": 56 * 2**30 // 3,
             "limit_mm_per_prompt": {"image": 1, "video": 0},

@@ -295,15 +295,16 @@ def test_serve_prototype_rows_cross_to_the_deployment_as_plain_dicts(tmp_path):
 
 # The bench runs the engines the notebook and the job would run on the GPU it finds: the preset's
 # three replicas with their fixed KV caches need more than an H100's 80 GB (they ran out of memory
-# there: results/2026-12-05-h100-replicas.jsonl), so an H100 gets one unless --replicas-per-gpu says.
+# there: results/2026-12-05-h100-replicas.jsonl), so an H100 gets two with smaller caches, unless
+# --replicas-per-gpu says.
 @pytest.mark.parametrize(
     ("gpus", "options", "replicas"),
     [
         ("143771, Disabled", [], 3),
-        ("81559, Disabled", [], 1),
-        ("81559, Disabled", ["--replicas-per-gpu", "2"], 2),
+        ("81559, Disabled", [], 2),
+        ("81559, Disabled", ["--replicas-per-gpu", "1"], 1),
     ],
-    ids=["H200", "H100", "H100-told-2"],
+    ids=["H200", "H100", "H100-told-1"],
 )
 def test_the_bench_runs_as_many_engines_per_gpu_as_the_gpu_holds(
     tmp_path, monkeypatch, gpus, options, replicas

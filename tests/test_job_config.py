@@ -40,20 +40,21 @@ def test_the_schema_check_catches_a_mistake():
 
 
 # The job picks engine replicas per GPU as the notebook does (tests/test_notebook_files.py): the
-# preset's three only where the driver's machine has GPUs of 120 GiB, two from 100 GiB, unless
+# preset's three only where the driver's machine has GPUs of 120 GiB, two from 75 GiB, unless
 # --replicas-per-gpu says.
 @pytest.mark.parametrize(
     ("gpus", "options", "replicas"),
     [
         ("143771, Disabled", [], 3),
         ("112640, Disabled", [], 2),
-        ("81559, Disabled", [], 1),
+        ("81559, Disabled", [], 2),
+        ("46068, Disabled", [], 1),
         (None, [], 1),  # a driver on a CPU head node
         (None, ["--replicas-per-gpu", "2"], 2),
         ("143771, Disabled", ["--replicas-per-gpu", "1"], 1),
         ("143771, Disabled", ["--smoke"], 1),
     ],
-    ids=["H200", "110GiB", "H100", "no-gpu", "no-gpu-told-2", "H200-told-1", "offline"],
+    ids=["H200", "110GiB", "H100", "48GB", "no-gpu", "no-gpu-told-2", "H200-told-1", "offline"],
 )
 def test_the_job_runs_as_many_engines_per_gpu_as_the_gpu_holds(
     tmp_path, monkeypatch, gpus, options, replicas

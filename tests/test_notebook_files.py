@@ -86,26 +86,31 @@ def test_readme_equals_a_fresh_render(tmp_path):
     assert (ROOT / "README.md").read_text() == fresh, "README.md is stale: run `make readme` and commit"
 
 
-# The GPU preset's three engines per GPU peaked at 95-96 GiB together on an H200, two at 80-84 GiB:
-# on an 80 GB GPU its defaults would fail at the engines' start. The parameters cell runs three per
-# GPU only where this machine's GPUs hold them (120 GiB), two from 100 GiB, and one on a smaller
-# GPU, a MIG slice, or where it sees no GPU (a CPU head node). nvidia-smi is a stand-in
-# (conftest.gpus_reporting): this machine has no GPU.
+# The GPU preset's three engines per GPU peaked at 95-96 GiB together on an H200: on an 80 GB GPU its
+# defaults would fail at the engines' start. The parameters cell runs three per GPU only where this
+# machine's GPUs hold them (120 GiB), two from 75 GiB, and one on a smaller GPU, a MIG slice, or where
+# it sees no GPU (a CPU head node). Under 100 GiB the two split a smaller KV cache (30 GiB; two of 28
+# GiB would not fit in 80 GB). nvidia-smi is a stand-in (conftest.gpus_reporting): this machine has
+# no GPU.
+GIB = 2**30
+
+
 @pytest.mark.parametrize(
-    ("smoke", "gpus", "replicas"),
+    ("smoke", "gpus", "replicas", "kv_cache"),
     [
-        ("0", "143771, Disabled", 3),
-        ("0", "81559, Disabled", 1),
-        ("0", "143771, [N/A]", 3),
-        ("0", "97871, Disabled", 1),
-        ("0", "112640, Disabled", 2),
-        ("0", "143771, Disabled\n112640, Disabled", 2),
-        ("0", "143771, Disabled\n81559, Disabled", 1),
-        ("0", "143771, Enabled", 1),
-        ("0", "143771, Disabled\n[N/A], [N/A]", 1),
-        ("0", "", 1),
-        ("0", None, 1),
-        ("1", "143771, Disabled", 1),
+        ("0", "143771, Disabled", 3, 56 * GIB // 3),
+        ("0", "81559, Disabled", 2, 15 * GIB),
+        ("0", "143771, [N/A]", 3, 56 * GIB // 3),
+        ("0", "97871, Disabled", 2, 15 * GIB),
+        ("0", "112640, Disabled", 2, 28 * GIB),
+        ("0", "143771, Disabled\n112640, Disabled", 2, 28 * GIB),
+        ("0", "143771, Disabled\n81559, Disabled", 2, 15 * GIB),
+        ("0", "46068, Disabled", 1, None),
+        ("0", "143771, Enabled", 1, None),
+        ("0", "143771, Disabled\n[N/A], [N/A]", 1, None),
+        ("0", "", 1, None),
+        ("0", None, 1, None),
+        ("1", "143771, Disabled", 1, None),
     ],
     ids=[
         "H200",
@@ -115,6 +120,7 @@ def test_readme_equals_a_fresh_render(tmp_path):
         "110GiB",
         "mixed-110GiB",
         "mixed",
+        "48GB",
         "MIG",
         "unknown",
         "no-answer",
@@ -123,7 +129,7 @@ def test_readme_equals_a_fresh_render(tmp_path):
     ],
 )
 def test_the_parameters_cell_runs_as_many_engines_per_gpu_as_the_gpu_holds(
-    tmp_path, monkeypatch, smoke, gpus, replicas
+    tmp_path, monkeypatch, smoke, gpus, replicas, kv_cache
 ):
     monkeypatch.setenv("PATH", gpus_reporting(tmp_path, gpus))
     monkeypatch.setenv("SMOKE_TEST", smoke)
@@ -133,7 +139,8 @@ def test_the_parameters_cell_runs_as_many_engines_per_gpu_as_the_gpu_holds(
     preset = scope["PRESET"]
     assert (scope["REPLICAS_PER_GPU"], preset.replicas_per_gpu) == (replicas, replicas)
     # One engine per GPU sizes its KV cache from the GPU; engines that share one get a fixed one.
-    assert ("kv_cache_memory_bytes" in preset.engine_kwargs) == (replicas > 1)
+    kv = preset.engine_kwargs.get("kv_cache_memory_bytes")
+    assert kv == (None if kv_cache is None else pytest.approx(kv_cache, abs=2))  # split by integer division
     if smoke == "0":  # the same GPUs either way: the first run on one
         assert scope["CONCURRENCY"] == replicas
 

@@ -152,6 +152,28 @@ def test_engine_replicas_that_share_a_gpu_ask_for_their_share_and_a_fixed_kv_cac
         get_preset(smoke_test=True).sharing_gpus(2)
 
 
+# Config only. On a GPU under 100 GiB the replicas that share it split a smaller KV cache: each also
+# holds about 13 GiB of weights, activations and CUDA graphs, and two of the preset's 28 GiB caches
+# would not fit in 80 GB. Two of 15 GiB ran on an 80 GB H100 (benchmarks/README.md) and peaked at 56
+# GiB together. Told to run the preset's three there, they get the smaller cache too.
+def test_replicas_on_a_gpu_under_100_gib_split_a_smaller_kv_cache():
+    base, gib = get_preset(smoke_test=False), 2**30
+    h100, h200, gpu_110 = 81559 * 2**20, 143771 * 2**20, 110 * gib
+    kv = {  # (GPU, replicas asked for or None) -> each replica's KV cache
+        (h100, None): 15 * gib,
+        (h100, 3): 10 * gib,
+        (h100, 1): None,
+        (h200, None): 56 * gib // 3,
+        (gpu_110, None): 56 * gib // 3 * 3 // 2,
+        (None, 2): 56 * gib // 3 * 3 // 2,  # size unknown (a CPU head node): the preset's cache
+    }
+    for (gpu, asked), want in kv.items():
+        preset = base.for_gpu(gpu, asked)
+        assert preset.engine_kwargs.get("kv_cache_memory_bytes") == want, (gpu, asked)
+        assert preset.replicas_per_gpu == (asked or {h100: 2, h200: 3, gpu_110: 2}[gpu]), (gpu, asked)
+    assert base.sharing_gpus(2, h100).engine_kwargs == base.for_gpu(h100).engine_kwargs
+
+
 # Config only; the engine runs it in test_bench.py's smoke run (--prepared-images). vLLM's processor
 # refuses an image off the patch grid once it no longer resizes (225x225: "Failed to apply
 # Qwen2_5_VLProcessor"), so the preset must not let one through.
