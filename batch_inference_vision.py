@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="engine replicas on each GPU (GPU preset: 3 where the driver's machine has GPUs of 120 GiB "
         "or more, 2 from 75 GiB, else 1)",
     )
+    p.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        help="the GPU memory of the nodes the engines run on, where the driver's machine has no GPU "
+        "to measure (a CPU head node): picks the replicas per GPU and their KV caches for it",
+    )
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--rows-per-block", type=int, help="rows per block of the streaming repartition")
     p.add_argument(
@@ -141,15 +147,16 @@ def write_contact_sheet(
 
 def job_preset(args: argparse.Namespace) -> Preset:
     """The preset with the job's settings. --replicas-per-gpu unset: the preset's replicas per GPU
-    where this machine's GPUs hold them, else one (as the notebook does; a driver on a CPU head
-    node sees no GPU)."""
+    where this machine's GPUs (or --gpu-memory-gib) hold them, else one (as the notebook does; a
+    driver on a CPU head node sees no GPU)."""
     preset = get_preset(args.smoke)
     preset = dataclasses.replace(
         preset,
         max_tokens=args.max_tokens or preset.max_tokens,
         rows_per_block=args.rows_per_block or preset.rows_per_block,
     )
-    return preset.for_gpu(local_gpu_memory_bytes(), args.replicas_per_gpu)
+    gpu_bytes = local_gpu_memory_bytes() if args.gpu_memory_gib is None else int(args.gpu_memory_gib * 2**30)
+    return preset.for_gpu(gpu_bytes, args.replicas_per_gpu)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -51,18 +51,37 @@ def test_the_schema_check_catches_a_mistake():
         ("46068, Disabled", [], 1),
         (None, [], 1),  # a driver on a CPU head node
         (None, ["--replicas-per-gpu", "2"], 2),
+        (None, ["--gpu-memory-gib", "80"], 2),  # the workers' GPUs, which a CPU head node can't see
+        (None, ["--gpu-memory-gib", "141"], 3),
+        (None, ["--gpu-memory-gib", "48"], 1),
         ("143771, Disabled", ["--replicas-per-gpu", "1"], 1),
         ("143771, Disabled", ["--smoke"], 1),
     ],
-    ids=["H200", "110GiB", "H100", "48GB", "no-gpu", "no-gpu-told-2", "H200-told-1", "offline"],
+    ids=[
+        "H200",
+        "110GiB",
+        "H100",
+        "48GB",
+        "no-gpu",
+        "no-gpu-told-2",
+        "told-80GiB",
+        "told-141GiB",
+        "told-48GiB",
+        "H200-told-1",
+        "offline",
+    ],
 )
 def test_the_job_runs_as_many_engines_per_gpu_as_the_gpu_holds(
     tmp_path, monkeypatch, gpus, options, replicas
 ):
     monkeypatch.setenv("PATH", gpus_reporting(tmp_path, gpus))
+    monkeypatch.delenv("GPU_MEMORY_GIB", raising=False)
     preset = job_preset(parse_args(["--output", str(tmp_path / "out"), *options]))
     assert preset.replicas_per_gpu == replicas
     assert ("kv_cache_memory_bytes" in preset.engine_kwargs) == (replicas > 1)
+    small = (gpus or "").startswith("81559") or "80" in options
+    if replicas > 1 and small:  # under 100 GiB two replicas split 30 GiB of KV cache
+        assert preset.engine_kwargs["kv_cache_memory_bytes"] == 15 * 2**30
 
 
 def test_the_job_says_so_when_told_to_share_a_gpu_it_does_not_use(tmp_path, monkeypatch):

@@ -135,6 +135,7 @@ def test_the_parameters_cell_runs_as_many_engines_per_gpu_as_the_gpu_holds(
     monkeypatch.setenv("SMOKE_TEST", smoke)
     monkeypatch.delenv("REPLICAS_PER_GPU", raising=False)
     monkeypatch.delenv("CONCURRENCY", raising=False)
+    monkeypatch.delenv("GPU_MEMORY_GIB", raising=False)
     scope = run_parameters_cell()
     preset = scope["PRESET"]
     assert (scope["REPLICAS_PER_GPU"], preset.replicas_per_gpu) == (replicas, replicas)
@@ -143,6 +144,27 @@ def test_the_parameters_cell_runs_as_many_engines_per_gpu_as_the_gpu_holds(
     assert kv == (None if kv_cache is None else pytest.approx(kv_cache, abs=2))  # split by integer division
     if smoke == "0":  # the same GPUs either way: the first run on one
         assert scope["CONCURRENCY"] == replicas
+
+
+# A kernel on a CPU head node sees no GPU: GPU_MEMORY_GIB says what the workers have, and the cell
+# picks the replicas and KV caches for it as on such a GPU. A mistyped value is refused, not read as
+# no GPU.
+@pytest.mark.parametrize(
+    ("gib", "replicas", "kv_cache"), [("80", 2, 15 * GIB), ("141", 3, 56 * GIB // 3), ("48", 1, None)]
+)
+def test_gpu_memory_gib_stands_for_the_gpus_a_head_node_cant_see(
+    tmp_path, monkeypatch, gib, replicas, kv_cache
+):
+    monkeypatch.setenv("PATH", gpus_reporting(tmp_path, None))
+    monkeypatch.setenv("SMOKE_TEST", "0")
+    monkeypatch.delenv("REPLICAS_PER_GPU", raising=False)
+    monkeypatch.setenv("GPU_MEMORY_GIB", gib)
+    preset = run_parameters_cell()["PRESET"]
+    assert preset.replicas_per_gpu == replicas
+    assert preset.engine_kwargs.get("kv_cache_memory_bytes") == kv_cache
+    monkeypatch.setenv("GPU_MEMORY_GIB", "80GB")
+    with pytest.raises(ValueError, match="GPU_MEMORY_GIB"):
+        run_parameters_cell()
 
 
 def test_replicas_per_gpu_set_by_hand_win(tmp_path, monkeypatch):
