@@ -28,7 +28,7 @@ from helpers.rows import PATCH_GRID
 SHARED_GPU_MIN_BYTES = {2: 75 * 2**30, 3: 120 * 2**30}
 # On a GPU under SMALL_GPU_BYTES the replicas split SMALL_GPU_KV_BYTES of KV cache, not the preset's
 # 56 GiB: each replica also holds about 13 GiB of weights, activations and CUDA graphs, so two with
-# 28 GiB caches would not fit in 80 GB. Two caches of 15 GiB hold 2,240 sequences of a 256-token
+# 28 GiB caches would not fit in 80 GB. Two caches of 15 GiB hold about 2,200 sequences of a 256-token
 # caption together, more than one replica's 2,048.
 SMALL_GPU_BYTES = 100 * 2**30
 SMALL_GPU_KV_BYTES = 30 * 2**30
