@@ -255,10 +255,9 @@ class Preset:
         if not self.gpu_share and replicas_per_gpu is None:
             return self
         per_gpu = replicas_per_gpu or self.replicas_per_gpu_for(gpu_bytes)
-        small = gpu_bytes is not None and gpu_bytes < SMALL_GPU_BYTES and per_gpu > 1
-        if per_gpu == self.replicas_per_gpu and not small:  # the preset's replicas and KV caches fit
+        if per_gpu == self.replicas_per_gpu == 1:  # one replica per GPU, or the CPU preset: no sharing
             return self
-        return self.sharing_gpus(per_gpu, gpu_bytes)
+        return self.sharing_gpus(per_gpu, gpu_bytes)  # equal to this preset where it fits as it is
 
     def runtime_env(self) -> dict[str, Any]:
         """For `ray.init`: ship `helpers` and the preset's environment to every Ray worker."""
