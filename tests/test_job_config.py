@@ -39,23 +39,26 @@ def test_the_schema_check_catches_a_mistake():
         JobConfig.from_dict(data)
 
 
+GIB = 2**30
+
+
 # The job picks engine replicas per GPU as the notebook does (tests/test_notebook_files.py): the
 # preset's three only where the driver's machine has GPUs of 120 GiB, two from 75 GiB, unless
 # --replicas-per-gpu says.
 @pytest.mark.parametrize(
-    ("gpus", "options", "replicas"),
+    ("gpus", "options", "replicas", "kv_cache"),
     [
-        ("143771, Disabled", [], 3),
-        ("112640, Disabled", [], 2),
-        ("81559, Disabled", [], 2),
-        ("46068, Disabled", [], 1),
-        (None, [], 1),  # a driver on a CPU head node
-        (None, ["--replicas-per-gpu", "2"], 2),
-        (None, ["--gpu-memory-gib", "80"], 2),  # the workers' GPUs, which a CPU head node can't see
-        (None, ["--gpu-memory-gib", "141"], 3),
-        (None, ["--gpu-memory-gib", "48"], 1),
-        ("143771, Disabled", ["--replicas-per-gpu", "1"], 1),
-        ("143771, Disabled", ["--smoke"], 1),
+        ("143771, Disabled", [], 3, 56 * GIB // 3),
+        ("112640, Disabled", [], 2, 56 * GIB // 3 * 3 // 2),
+        ("81559, Disabled", [], 2, 15 * GIB),  # under 100 GiB two replicas split 30 GiB of KV cache
+        ("46068, Disabled", [], 1, None),
+        (None, [], 1, None),  # a driver on a CPU head node
+        (None, ["--replicas-per-gpu", "2"], 2, 56 * GIB // 3 * 3 // 2),
+        (None, ["--gpu-memory-gib", "80"], 2, 15 * GIB),  # the workers' GPUs, which a CPU head node can't see
+        (None, ["--gpu-memory-gib", "141"], 3, 56 * GIB // 3),
+        (None, ["--gpu-memory-gib", "48"], 1, None),
+        ("143771, Disabled", ["--replicas-per-gpu", "1"], 1, None),
+        ("143771, Disabled", ["--smoke"], 1, None),
     ],
     ids=[
         "H200",
@@ -72,16 +75,14 @@ def test_the_schema_check_catches_a_mistake():
     ],
 )
 def test_the_job_runs_as_many_engines_per_gpu_as_the_gpu_holds(
-    tmp_path, monkeypatch, gpus, options, replicas
+    tmp_path, monkeypatch, gpus, options, replicas, kv_cache
 ):
     monkeypatch.setenv("PATH", gpus_reporting(tmp_path, gpus))
     monkeypatch.delenv("GPU_MEMORY_GIB", raising=False)
     preset = job_preset(parse_args(["--output", str(tmp_path / "out"), *options]))
     assert preset.replicas_per_gpu == replicas
-    assert ("kv_cache_memory_bytes" in preset.engine_kwargs) == (replicas > 1)
-    small = (gpus or "").startswith("81559") or "80" in options
-    if replicas > 1 and small:  # under 100 GiB two replicas split 30 GiB of KV cache
-        assert preset.engine_kwargs["kv_cache_memory_bytes"] == 15 * 2**30
+    # One replica per GPU sizes its KV cache from the GPU; replicas that share one get a fixed one.
+    assert preset.engine_kwargs.get("kv_cache_memory_bytes") == kv_cache
 
 
 def test_the_job_says_so_when_told_to_share_a_gpu_it_does_not_use(tmp_path, monkeypatch):
