@@ -129,6 +129,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def log_name(run: str, label: str, attempt: int) -> str:
+    """A run's log file in --logdir: the device scripts read its PROGRESS lines by this name."""
+    return f"{run}{'-' + label if label else ''}-{attempt}.log"
+
+
 INDEX_BITS = 24  # make_shards' images are distinct up to 2**24 of them
 
 
@@ -862,7 +867,7 @@ def main(args) -> list[dict]:
     for run in args.runs.split(","):
         for attempt in range(args.repeat):
             cmd = [sys.executable, __file__, *forward, "--one", run]
-            log = logdir / f"{run}{'-' + args.label if args.label else ''}-{attempt}.log"
+            log = logdir / log_name(run, args.label, attempt)
             returncode, timed = run_logged(cmd, log)
             output = "\n".join(line for _, line in timed)
             lines = [ln for _, ln in timed if ln.startswith("RESULT ")]

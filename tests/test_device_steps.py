@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 from helpers.presets import get_preset, merge_engine_kwargs
@@ -36,3 +37,28 @@ def test_every_engine_variant_is_json_that_merges_into_the_gpu_preset():
     sizes = json.loads(found["graphs16k"])["compilation_config"]["cudagraph_capture_sizes"]
     assert max(sizes) == preset.engine_kwargs["max_num_batched_tokens"]
     assert set(preset.engine_kwargs["compilation_config"]["cudagraph_capture_sizes"]) < set(sizes)
+
+
+def test_profile_steps_watches_the_log_of_the_run_it_started(tmp_path):
+    # The watch stops a run with no row out after FIRST_ROW_S: reading another run's log name
+    # (pipeline-LABEL-0.log for a --runs fp8 run) stopped a healthy FP8 run on the device.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_vision import log_name  # benchmarks/ is no package
+
+    script = ROOT / "benchmarks" / "device" / "profile_steps.sh"
+    cases = {
+        ("-n", "100"): "pipeline",
+        ("--runs", "fp8", "-n", "26000", "--max-tokens", "48"): "fp8",
+        ("--max-tokens", "48", "--runs=original"): "original",
+        ("--runs", "fp8,pipeline"): "fp8",
+    }
+    for args, run in cases.items():
+        out = subprocess.run(
+            ["bash", str(script), "log", "lbl", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path)},
+        ).stdout.strip()
+        assert Path(out).name == log_name(run, "lbl", 0), args
+        assert Path(out).parent.name == "logs", args

@@ -108,7 +108,21 @@ watch() {  # watch LOG PID DIR
     fi
   done
 }
+# The log bench_vision.py writes for the first of --runs (RUN-LABEL-0.log; default pipeline): the
+# file the sampler and the watch read rows from. A wrong name reads as no row out, and the watch
+# stops a healthy run as stalled.
+bench_log() {  # bench_log DIR LABEL BENCH_ARGS...
+  local dir=$1 label=$2 run=pipeline prev=""; shift 2
+  for a in "$@"; do
+    [ "$prev" = --runs ] && run=$a
+    case $a in --runs=*) run=${a#--runs=} ;; esac
+    prev=$a
+  done
+  echo "$dir/logs/${run%%,*}-$label-0.log"
+}
 case "$1" in
+log)  # the log a run's rows are read from: profile_steps.sh log LABEL BENCH_ARGS...
+  label=$2; shift 2; bench_log "$P/$label" "$label" "$@" ;;
 run)
   label=$2 mode=$3; shift 3
   D=$P/$label; rm -rf "$D"; mkdir -p "$D"
@@ -117,8 +131,9 @@ run)
   echo "RUN $label mode=$mode left=$(left)s args: $*"
   OUT=$D timeout -s KILL "$(left)" bash "$K/pinned_steps.sh" bench --label "$label" "$@" > "$D/bench.txt" 2>&1 &
   bpid=$!
-  if [ "$mode" != none ]; then sample "$D/logs/pipeline-$label-0.log" "$D/prof" "$mode" & spid=$!; fi
-  watch "$D/logs/pipeline-$label-0.log" $bpid "$D" & wpid=$!
+  log=$(bench_log "$D" "$label" "$@")
+  if [ "$mode" != none ]; then sample "$log" "$D/prof" "$mode" & spid=$!; fi
+  watch "$log" $bpid "$D" & wpid=$!
   wait $bpid; rc=$?
   [ -n "${spid:-}" ] && kill "$spid" 2> /dev/null
   wait $wpid
@@ -135,5 +150,5 @@ pack)
     tar czf "$OUT/$label.tgz" -C "$P" "$label"
   done
   ls -la "$OUT" ;;
-*) echo "usage: profile_steps.sh run LABEL pyspy|light|none BENCH_ARGS... | pack"; exit 2 ;;
+*) echo "usage: profile_steps.sh run LABEL pyspy|light|none BENCH_ARGS... | pack | log LABEL BENCH_ARGS..."; exit 2 ;;
 esac
