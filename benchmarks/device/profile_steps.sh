@@ -89,7 +89,9 @@ sample() {  # sample LOG DIR MODE
   echo "$(date +%s.%N) rows_out=$(rows_out "$log")" >> "$d/at.txt"
 }
 # A run that stalls is stopped early, after py-spy dumps of its engines (why it hangs): no row out
-# FIRST_ROW_S (default 330) s after its start, or no new row for STALL_S (default 90) s.
+# FIRST_ROW_S (default 420) s after its start, or no new row for STALL_S (default 90) s. A fresh
+# machine's first caption comes near 300 s, and a variant whose graph is not in the compile cache
+# (FP8: 72 s of torch.compile) adds a minute or more to that.
 watch() {  # watch LOG PID DIR
   local t0 last=0 since r now
   t0=$(date +%s); since=$t0
@@ -97,7 +99,7 @@ watch() {  # watch LOG PID DIR
     sleep 5
     r=$(rows_out "$1"); r=${r:-0}; now=$(date +%s)
     [ "$r" != "$last" ] && { last=$r; since=$now; }
-    if { [ "$r" = 0 ] && [ $((now - t0)) -gt "${FIRST_ROW_S:-330}" ]; } ||
+    if { [ "$r" = 0 ] && [ $((now - t0)) -gt "${FIRST_ROW_S:-420}" ]; } ||
       { [ "$r" != 0 ] && [ $((now - since)) -gt "${STALL_S:-90}" ]; }; then
       echo "STALL: rows_out=$r at $((now - t0)) s, none new for $((now - since)) s: dumps, then stop"
       mkdir -p "$3/stall"
