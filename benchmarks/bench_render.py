@@ -24,6 +24,9 @@ Modes:
   pool    AsyncLLM with `renderer_num_workers` 1 and 2 (--workers), each in its own process,
           alternating: requests per second through `process_inputs_async` with every request of a
           round in flight at once (more threads share the process's GIL).
+  cache   the same as pool with one renderer thread, vLLM's processor cache (`mm_processor_cache_gb`)
+          at its default 4 GiB and off (0), each in its own process, alternating: what the cache's
+          bookkeeping costs the renderer thread on distinct images, where it never hits.
   warmup  the renderer's warm-up (what Serve LLM's replica runs at start, and what the first request
           of an engine that skipped it pays): the calls of vLLM 0.29's `_warmup_mm_processor`,
           a dummy image built and processed, timed in a fresh process (--rounds of them, one
@@ -76,7 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--model", help="model folder (default: the preset's)")
     p.add_argument("--dummy", action="store_true", help='load_format="dummy": random weights')
     p.add_argument(
-        "--modes", default="inputs,profile,pool", help="comma-separated subset of inputs,profile,pool,warmup"
+        "--modes",
+        default="inputs,profile,pool",
+        help="comma-separated subset of inputs,profile,pool,cache,warmup",
     )
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--per-round", type=int, default=100, help="requests per variant and round")
@@ -84,6 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="append the JSON lines to this file")
     p.add_argument("--pool-one", type=int, help=argparse.SUPPRESS)  # internal: one pool measurement
     p.add_argument("--warmup-one", action="store_true", help=argparse.SUPPRESS)  # internal: one warm-up
+    p.add_argument("--cache-gb", type=float, help=argparse.SUPPRESS)  # internal: pool-one's cache size
     return p.parse_args(argv)
 
 
@@ -220,7 +226,8 @@ def pool_one(args, workers: int) -> dict:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    model, kwargs = engine_setup(args, renderer_num_workers=workers)
+    cache = {} if args.cache_gb is None else {"mm_processor_cache_gb": args.cache_gb}
+    model, kwargs = engine_setup(args, renderer_num_workers=workers, **cache)
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **kwargs))
     rows = load_rows((args.rounds + 1) * args.per_round)
     tokenizer = engine.input_processor.tokenizer
@@ -246,7 +253,12 @@ def pool_one(args, workers: int) -> dict:
         return out[1:]  # the first round warms up
 
     try:
-        return {"renderer_num_workers": workers, "requests_per_s": asyncio.run(rates())}
+        return {
+            "renderer_num_workers": workers,
+            # as the engine resolved it (vLLM's default: 4)
+            "mm_processor_cache_gb": engine.model_config.multimodal_config.mm_processor_cache_gb,
+            "requests_per_s": asyncio.run(rates()),
+        }
     finally:
         engine.shutdown()
 
@@ -311,7 +323,27 @@ def measure_pool(args) -> dict:
     return {"mode": "pool", "variants": medians(runs, "requests_per_s", "vs_first", digits=1)}
 
 
-MODES = {"inputs": measure_inputs, "profile": measure_profile, "pool": measure_pool, "warmup": measure_warmup}
+def measure_cache(args, sizes: tuple[float, ...] = (4.0, 0.0)) -> dict:
+    runs = {f"cache_gb={g:g}": [] for g in sizes}
+    for order in (sizes, sizes[::-1]):  # each twice, alternating, each its own process
+        for g in order:
+            flag = ["--pool-one", "1", "--cache-gb", str(g)]
+            one = in_fresh_process(flag, "POOL", f"run with a {g} GiB cache")
+            if one["mm_processor_cache_gb"] != g:
+                raise RuntimeError(
+                    f"asked for a {g} GiB cache, the engine has {one['mm_processor_cache_gb']}"
+                )
+            runs[f"cache_gb={g:g}"].extend(one["requests_per_s"])
+    return {"mode": "cache", "variants": medians(runs, "requests_per_s", "vs_first", digits=1)}
+
+
+MODES = {
+    "inputs": measure_inputs,
+    "profile": measure_profile,
+    "pool": measure_pool,
+    "cache": measure_cache,
+    "warmup": measure_warmup,
+}
 
 
 def main(args) -> None:
