@@ -41,7 +41,8 @@ def test_every_engine_variant_is_json_that_merges_into_the_gpu_preset():
 
 def test_profile_steps_watches_the_log_of_the_run_it_started(tmp_path):
     # The watch stops a run with no row out after FIRST_ROW_S: reading another run's log name
-    # (pipeline-LABEL-0.log for a --runs fp8 run) stopped a healthy FP8 run on the device.
+    # (pipeline-LABEL-0.log where a --runs fp8 run writes fp8-LABEL-0.log) it sees no row and stops
+    # a healthy run, minutes of a device session lost.
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_vision import log_name  # benchmarks/ is no package
 
