@@ -155,8 +155,7 @@ def job_preset(args: argparse.Namespace) -> Preset:
         max_tokens=args.max_tokens or preset.max_tokens,
         rows_per_block=args.rows_per_block or preset.rows_per_block,
     )
-    gpu_bytes = local_gpu_memory_bytes() if args.gpu_memory_gib is None else int(args.gpu_memory_gib * 2**30)
-    return preset.for_gpu(gpu_bytes, args.replicas_per_gpu)
+    return preset.for_gpu(local_gpu_memory_bytes(args.gpu_memory_gib), args.replicas_per_gpu)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -379,17 +379,20 @@ def merge_engine_kwargs(base: dict[str, Any], override: dict[str, Any] | None) -
     return merged
 
 
-def local_gpu_memory_bytes() -> int | None:
+def local_gpu_memory_bytes(stated_gib: float | None = None) -> int | None:
     """The memory of this machine's smallest GPU, from `nvidia-smi`; None where it has none (or
     no `nvidia-smi`), where a GPU doesn't say, or where one is split into MIG slices (nvidia-smi
     reports the whole GPU). A notebook's kernel or a job's driver on a GPU node sees the GPUs its
-    engines will run on; one on a CPU head node sees none, so there `GPU_MEMORY_GIB` (the GPU
-    memory of the nodes the engines run on, in GiB) stands for it."""
-    if given := os.environ.get("GPU_MEMORY_GIB"):
+    engines will run on; one on a CPU head node sees none, so there the GPU memory of the nodes
+    the engines run on, in GiB, stands for it: `stated_gib` (the job's --gpu-memory-gib), else
+    `GPU_MEMORY_GIB`."""
+    if stated_gib is None and (given := os.environ.get("GPU_MEMORY_GIB")):
         try:
-            return int(float(given) * 2**30)
+            stated_gib = float(given)
         except ValueError:
             raise ValueError(f"GPU_MEMORY_GIB must be a number of GiB such as 80, not {given!r}") from None
+    if stated_gib is not None:
+        return int(stated_gib * 2**30)
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=memory.total,mig.mode.current", "--format=csv,noheader,nounits"],
