@@ -313,28 +313,37 @@ def measure_warmup(args) -> dict:
     }
 
 
+def alternating_pool_runs(variants: dict) -> dict:
+    """{name: its pool_one records}: each variant (the flags after --pool-one) twice, each time in
+    a process of its own, in turn and then in reverse order."""
+    records = {name: [] for name in variants}
+    for order in (list(variants), list(variants)[::-1]):
+        for name in order:
+            records[name].append(
+                in_fresh_process(["--pool-one", *variants[name]], "POOL", f"pool run {name}")
+            )
+    return records
+
+
+def round_rates(records: dict) -> dict:
+    """{name: every round's requests per second, over its records}."""
+    return {name: [r for one in ones for r in one["requests_per_s"]] for name, ones in records.items()}
+
+
 def measure_pool(args) -> dict:
-    workers = [int(w) for w in args.workers.split(",")]
-    runs = {w: [] for w in workers}
-    for order in (workers, workers[::-1]):  # each twice, alternating, each its own process
-        for w in order:
-            one = in_fresh_process(["--pool-one", str(w)], "POOL", f"pool run with {w} workers")
-            runs[w].extend(one["requests_per_s"])
-    return {"mode": "pool", "variants": medians(runs, "requests_per_s", "vs_first", digits=1)}
+    records = alternating_pool_runs({w: [str(w)] for w in map(int, args.workers.split(","))})
+    return {"mode": "pool", "variants": medians(round_rates(records), "requests_per_s", "vs_first", digits=1)}
 
 
 def measure_cache(args, sizes: tuple[float, ...] = (4.0, 0.0)) -> dict:
-    runs = {f"cache_gb={g:g}": [] for g in sizes}
-    for order in (sizes, sizes[::-1]):  # each twice, alternating, each its own process
-        for g in order:
-            flag = ["--pool-one", "1", "--cache-gb", str(g)]
-            one = in_fresh_process(flag, "POOL", f"run with a {g} GiB cache")
-            if one["mm_processor_cache_gb"] != g:
-                raise RuntimeError(
-                    f"asked for a {g} GiB cache, the engine has {one['mm_processor_cache_gb']}"
-                )
-            runs[f"cache_gb={g:g}"].extend(one["requests_per_s"])
-    return {"mode": "cache", "variants": medians(runs, "requests_per_s", "vs_first", digits=1)}
+    records = alternating_pool_runs({f"cache_gb={g:g}": ["1", "--cache-gb", str(g)] for g in sizes})
+    for g, ones in zip(sizes, records.values(), strict=True):
+        if any(one["mm_processor_cache_gb"] != g for one in ones):
+            raise RuntimeError(f"asked for a {g} GiB cache, the engine has another: {ones}")
+    return {
+        "mode": "cache",
+        "variants": medians(round_rates(records), "requests_per_s", "vs_first", digits=1),
+    }
 
 
 MODES = {
