@@ -22,16 +22,16 @@ from helpers.data import SAMPLE_SHARDS
 from helpers.rows import PATCH_GRID
 
 # The GPU memory that n engine replicas of the GPU preset sharing one GPU need, by n: on an H200
-# (141 GB, 140 GiB) three together peaked at 95-96 GiB; on an 80 GB H100 (79.6 GiB) two with the
-# smaller KV caches of SMALL_GPU_KV_BYTES peaked at 56 GiB. 94 and 96 GB GPUs are untried. A smaller
-# GPU runs one (replicas_per_gpu_for), whose KV cache vLLM sizes from the GPU's memory.
+# (141 GB, 140 GiB) three together peaked at 95-96 GiB; on an 80 GB H100 (79.6 GiB) two with 22 GiB
+# KV caches peaked at 71.3 GiB. 94 and 96 GB GPUs are untried. A smaller GPU runs one
+# (replicas_per_gpu_for), whose KV cache vLLM sizes from the GPU's memory.
 SHARED_GPU_MIN_BYTES = {2: 75 * 2**30, 3: 120 * 2**30}
-# On a GPU under SMALL_GPU_BYTES the replicas split SMALL_GPU_KV_BYTES of KV cache, not the preset's
-# 56 GiB: each replica also holds about 13 GiB of weights, activations and CUDA graphs, so two with
-# 28 GiB caches would not fit in 80 GB. Two caches of 15 GiB hold about 2,200 sequences of a 256-token
-# caption together, more than one replica's 2,048.
-SMALL_GPU_BYTES = 100 * 2**30
-SMALL_GPU_KV_BYTES = 30 * 2**30
+# What each replica holds beside its KV cache (weights, activations, CUDA graphs): 13.6 GiB for each
+# of two on the H100 above, about 13.2 for each of three on the H200. The replicas on a GPU keep all
+# they hold within GPU_MEMORY_FRACTION of it (vLLM's default gpu_memory_utilization): their KV caches
+# get what is left, up to the preset's own (Preset.sharing_gpus).
+REPLICA_BYTES = 14 * 2**30
+GPU_MEMORY_FRACTION = 0.9
 
 # CPUs kept free for the tasks that read the images and write the captions, beside the actors of the
 # engine and its CPU stages (Preset.cpu_stage_pool). One was enough on an H200's 16 CPUs: three
@@ -158,12 +158,13 @@ class Preset:
     def sharing_gpus(self, replicas_per_gpu: int, gpu_bytes: int | None = None) -> Preset:
         """This GPU preset with `replicas_per_gpu` engine replicas on each GPU, on as many GPUs
         as before (`concurrency` and `scale_up_concurrency` count replicas). One per GPU: vLLM
-        sizes the KV cache itself from 90% of the GPU, as on a GPU under 75 GiB. More: each
+        sizes the KV cache itself from GPU_MEMORY_FRACTION of the GPU, as on a GPU under 75 GiB. More: each
         replica gets a fixed KV cache (sized by a fraction of the GPU, engines that start together
         each count the other's memory as their own, and the last finds none left for its cache),
         the preset's KV cache per GPU split between them: the GPU holds the same KV cache however
-        many replicas share it. On a GPU of `gpu_bytes` under 100 GiB they split
-        SMALL_GPU_KV_BYTES instead (None: the size is unknown, and the preset's is kept)."""
+        many replicas share it, or on a GPU of `gpu_bytes` that can't hold it, what is left of
+        GPU_MEMORY_FRACTION of the GPU after each replica's REPLICA_BYTES (None: the size is
+        unknown, and the preset's is kept)."""
         if replicas_per_gpu < 1:
             raise ValueError(f"replicas_per_gpu must be 1 or more, not {replicas_per_gpu}")
         bundle = self.bundle or {"GPU": 1}  # an empty bundle is taken as a whole GPU
@@ -172,16 +173,23 @@ class Preset:
         bundle.update(GPU=1 / replicas_per_gpu, CPU=bundle.get("CPU", 1))
         engine_kwargs = {k: v for k, v in self.engine_kwargs.items() if k != "kv_cache_memory_bytes"}
         if replicas_per_gpu == 1:
-            engine_kwargs["gpu_memory_utilization"] = 0.9
+            engine_kwargs["gpu_memory_utilization"] = GPU_MEMORY_FRACTION
         else:
-            engine_kwargs["gpu_memory_utilization"] = round(0.9 / replicas_per_gpu, 3)
+            engine_kwargs["gpu_memory_utilization"] = round(GPU_MEMORY_FRACTION / replicas_per_gpu, 3)
             if "kv_cache_memory_bytes" not in self.engine_kwargs:
                 raise ValueError(
                     "replicas that share a GPU need a fixed kv_cache_memory_bytes in engine_kwargs"
                 )
             per_gpu = self.engine_kwargs["kv_cache_memory_bytes"] * self.replicas_per_gpu
-            if gpu_bytes is not None and gpu_bytes < SMALL_GPU_BYTES:
-                per_gpu = min(per_gpu, SMALL_GPU_KV_BYTES)
+            if gpu_bytes is not None:
+                room = int(GPU_MEMORY_FRACTION * gpu_bytes) - replicas_per_gpu * REPLICA_BYTES
+                if room < replicas_per_gpu * 2**30:
+                    raise ValueError(
+                        f"{replicas_per_gpu} engine replicas do not fit a GPU of "
+                        f"{gpu_bytes / 2**30:.1f} GiB: each holds about {REPLICA_BYTES // 2**30} GiB "
+                        "beside its KV cache. Run fewer (REPLICAS_PER_GPU; the job's --replicas-per-gpu)."
+                    )
+                per_gpu = min(per_gpu, room)
             engine_kwargs["kv_cache_memory_bytes"] = per_gpu // replicas_per_gpu
         gpus, scale_up_gpus = (
             max(1, round(r / self.replicas_per_gpu)) for r in (self.concurrency, self.scale_up_concurrency)
@@ -305,7 +313,7 @@ PRESETS: dict[str, Preset] = {
             # fraction of the GPU instead, the engines measure their memory at once, each counts
             # the others' as its own, and the last finds none left for its cache. The three
             # together peak at about 96 GiB; a GPU under 120 GiB runs fewer (replicas_per_gpu_for), and
-            # under 100 GiB they split a smaller cache (sharing_gpus).
+            # one that can't hold their caches with them splits a smaller one (sharing_gpus).
             "gpu_memory_utilization": 0.3,
             "kv_cache_memory_bytes": 56 * 2**30 // 3,
             "limit_mm_per_prompt": {"image": 1, "video": 0},

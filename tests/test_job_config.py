@@ -40,6 +40,7 @@ def test_the_schema_check_catches_a_mistake():
 
 
 GIB = 2**30
+H100_KV = pytest.approx(21.84 * GIB, rel=1e-3)  # each of two replicas' KV cache on an 80 GB H100
 
 
 # The job picks engine replicas per GPU as the notebook does (tests/test_notebook_files.py): the
@@ -50,11 +51,12 @@ GIB = 2**30
     [
         ("143771, Disabled", [], 3, 56 * GIB // 3),
         ("112640, Disabled", [], 2, 56 * GIB // 3 * 3 // 2),
-        ("81559, Disabled", [], 2, 15 * GIB),  # under 100 GiB two replicas split 30 GiB of KV cache
+        ("81559, Disabled", [], 2, H100_KV),  # two replicas split what an 80 GB GPU has left
         ("46068, Disabled", [], 1, None),
         (None, [], 1, None),  # a driver on a CPU head node
         (None, ["--replicas-per-gpu", "2"], 2, 56 * GIB // 3 * 3 // 2),
-        (None, ["--gpu-memory-gib", "80"], 2, 15 * GIB),  # the workers' GPUs, which a CPU head node can't see
+        # the workers' GPUs, which a CPU head node can't see
+        (None, ["--gpu-memory-gib", "80"], 2, pytest.approx(22 * GIB, rel=1e-3)),
         (None, ["--gpu-memory-gib", "141"], 3, 56 * GIB // 3),
         (None, ["--gpu-memory-gib", "48"], 1, None),
         ("143771, Disabled", ["--replicas-per-gpu", "1"], 1, None),

@@ -89,22 +89,23 @@ def test_readme_equals_a_fresh_render(tmp_path):
 # The GPU preset's three engines per GPU peaked at 95-96 GiB together on an H200: on an 80 GB GPU its
 # defaults would fail at the engines' start. The parameters cell runs three per GPU only where this
 # machine's GPUs hold them (120 GiB), two from 75 GiB, and one on a smaller GPU, a MIG slice, or where
-# it sees no GPU (a CPU head node). Under 100 GiB the two split a smaller KV cache (30 GiB; two of 28
-# GiB would not fit in 80 GB). nvidia-smi is a stand-in (conftest.gpus_reporting): this machine has
+# it sees no GPU (a CPU head node). On an 80 GB GPU the two split a smaller KV cache (two of 28 GiB
+# would not fit). nvidia-smi is a stand-in (conftest.gpus_reporting): this machine has
 # no GPU.
 GIB = 2**30
+H100_KV = 21.84 * GIB  # each of two replicas' KV cache on an 80 GB H100
 
 
 @pytest.mark.parametrize(
     ("smoke", "gpus", "replicas", "kv_cache"),
     [
         ("0", "143771, Disabled", 3, 56 * GIB // 3),
-        ("0", "81559, Disabled", 2, 15 * GIB),
+        ("0", "81559, Disabled", 2, H100_KV),
         ("0", "143771, [N/A]", 3, 56 * GIB // 3),
-        ("0", "97871, Disabled", 2, 15 * GIB),
+        ("0", "97871, Disabled", 2, 28 * GIB),
         ("0", "112640, Disabled", 2, 28 * GIB),
         ("0", "143771, Disabled\n112640, Disabled", 2, 28 * GIB),
-        ("0", "143771, Disabled\n81559, Disabled", 2, 15 * GIB),
+        ("0", "143771, Disabled\n81559, Disabled", 2, H100_KV),
         ("0", "46068, Disabled", 1, None),
         ("0", "143771, Enabled", 1, None),
         ("0", "143771, Disabled\n[N/A], [N/A]", 1, None),
@@ -141,7 +142,7 @@ def test_the_parameters_cell_runs_as_many_engines_per_gpu_as_the_gpu_holds(
     assert (scope["REPLICAS_PER_GPU"], preset.replicas_per_gpu) == (replicas, replicas)
     # One engine per GPU sizes its KV cache from the GPU; engines that share one get a fixed one.
     kv = preset.engine_kwargs.get("kv_cache_memory_bytes")
-    assert kv == (None if kv_cache is None else pytest.approx(kv_cache, abs=2))  # split by integer division
+    assert kv == (None if kv_cache is None else pytest.approx(kv_cache, rel=1e-3))
     if smoke == "0":  # the same GPUs either way: the first run on one
         assert scope["CONCURRENCY"] == replicas
 
@@ -150,7 +151,7 @@ def test_the_parameters_cell_runs_as_many_engines_per_gpu_as_the_gpu_holds(
 # picks the replicas and KV caches for it as on such a GPU. A mistyped value is refused, not read as
 # no GPU.
 @pytest.mark.parametrize(
-    ("gib", "replicas", "kv_cache"), [("80", 2, 15 * GIB), ("141", 3, 56 * GIB // 3), ("48", 1, None)]
+    ("gib", "replicas", "kv_cache"), [("80", 2, 22 * GIB), ("141", 3, 56 * GIB // 3), ("48", 1, None)]
 )
 def test_gpu_memory_gib_stands_for_the_gpus_a_head_node_cant_see(
     tmp_path, monkeypatch, gib, replicas, kv_cache
@@ -161,7 +162,8 @@ def test_gpu_memory_gib_stands_for_the_gpus_a_head_node_cant_see(
     monkeypatch.setenv("GPU_MEMORY_GIB", gib)
     preset = run_parameters_cell()["PRESET"]
     assert preset.replicas_per_gpu == replicas
-    assert preset.engine_kwargs.get("kv_cache_memory_bytes") == kv_cache
+    kv = preset.engine_kwargs.get("kv_cache_memory_bytes")
+    assert kv == (None if kv_cache is None else pytest.approx(kv_cache, rel=1e-3))
     monkeypatch.setenv("GPU_MEMORY_GIB", "80GB")
     with pytest.raises(ValueError, match="GPU_MEMORY_GIB"):
         run_parameters_cell()
