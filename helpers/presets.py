@@ -158,13 +158,14 @@ class Preset:
     def sharing_gpus(self, replicas_per_gpu: int, gpu_bytes: int | None = None) -> Preset:
         """This GPU preset with `replicas_per_gpu` engine replicas on each GPU, on as many GPUs
         as before (`concurrency` and `scale_up_concurrency` count replicas). One per GPU: vLLM
-        sizes the KV cache itself from GPU_MEMORY_FRACTION of the GPU, as on a GPU under 75 GiB. More: each
-        replica gets a fixed KV cache (sized by a fraction of the GPU, engines that start together
-        each count the other's memory as their own, and the last finds none left for its cache),
-        the preset's KV cache per GPU split between them: the GPU holds the same KV cache however
-        many replicas share it, or on a GPU of `gpu_bytes` that can't hold it, what is left of
-        GPU_MEMORY_FRACTION of the GPU after each replica's REPLICA_BYTES (None: the size is
-        unknown, and the preset's is kept)."""
+        sizes the KV cache itself from GPU_MEMORY_FRACTION of the GPU, as on a GPU under 75 GiB.
+        More: each replica gets a fixed KV cache (sized by a fraction of the GPU, engines that
+        start together each count the other's memory as their own, and the last finds none left
+        for its cache), the preset's KV cache per GPU split between them: the GPU holds the same
+        KV cache however many replicas share it. On a GPU of `gpu_bytes` that can't hold it
+        beside them, they split what is left of GPU_MEMORY_FRACTION of the GPU after
+        REPLICA_BYTES each, and more replicas than that leaves room for are refused (None: the
+        size is unknown, and the preset's cache is kept)."""
         if replicas_per_gpu < 1:
             raise ValueError(f"replicas_per_gpu must be 1 or more, not {replicas_per_gpu}")
         bundle = self.bundle or {"GPU": 1}  # an empty bundle is taken as a whole GPU
