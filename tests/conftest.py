@@ -263,6 +263,12 @@ def first_sample_ids(n: int) -> list[str]:
     return ids[:n]
 
 
+GIB = 2**30
+# Each of two engine replicas' KV cache on an 80 GB H100 (81559 MiB): what is left of 90% of it after
+# 14 GiB each (helpers/presets.py, Preset.sharing_gpus). Two of 22 GiB ran there (benchmarks/README.md).
+H100_KV = 21.84 * GIB
+
+
 def gpus_reporting(folder, gpus: str | None) -> str:
     """A PATH holding only a stand-in `nvidia-smi` that answers `gpus` (a line per GPU, as
     `--query-gpu=memory.total,mig.mode.current --format=csv,noheader,nounits` does), or none at

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 from anyscale.job.models import JobConfig
-from conftest import gpus_reporting
+from conftest import GIB, H100_KV, gpus_reporting
 
 from batch_inference_vision import job_preset, parse_args
 from helpers.presets import get_preset
@@ -39,10 +39,6 @@ def test_the_schema_check_catches_a_mistake():
         JobConfig.from_dict(data)
 
 
-GIB = 2**30
-H100_KV = pytest.approx(21.84 * GIB, rel=1e-3)  # each of two replicas' KV cache on an 80 GB H100
-
-
 # The job picks engine replicas per GPU as the notebook does (tests/test_notebook_files.py): the
 # preset's three only where the driver's machine has GPUs of 120 GiB, two from 75 GiB, unless
 # --replicas-per-gpu says.
@@ -51,7 +47,8 @@ H100_KV = pytest.approx(21.84 * GIB, rel=1e-3)  # each of two replicas' KV cache
     [
         ("143771, Disabled", [], 3, 56 * GIB // 3),
         ("112640, Disabled", [], 2, 56 * GIB // 3 * 3 // 2),
-        ("81559, Disabled", [], 2, H100_KV),  # two replicas split what an 80 GB GPU has left
+        # two replicas split what an 80 GB GPU has left
+        ("81559, Disabled", [], 2, pytest.approx(H100_KV, rel=1e-3)),
         ("46068, Disabled", [], 1, None),
         (None, [], 1, None),  # a driver on a CPU head node
         (None, ["--replicas-per-gpu", "2"], 2, 56 * GIB // 3 * 3 // 2),

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import gpus_reporting
+from conftest import GIB, H100_KV, gpus_reporting
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "llm_batch_inference_vision.ipynb"
@@ -92,8 +92,6 @@ def test_readme_equals_a_fresh_render(tmp_path):
 # it sees no GPU (a CPU head node). On an 80 GB GPU the two split a smaller KV cache (two of 28 GiB
 # would not fit). nvidia-smi is a stand-in (conftest.gpus_reporting): this machine has
 # no GPU.
-GIB = 2**30
-H100_KV = 21.84 * GIB  # each of two replicas' KV cache on an 80 GB H100
 
 
 @pytest.mark.parametrize(
