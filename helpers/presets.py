@@ -173,10 +173,8 @@ class Preset:
             raise ValueError(f"the {self.name} preset runs on CPU: it has no GPU to share")
         bundle.update(GPU=1 / replicas_per_gpu, CPU=bundle.get("CPU", 1))
         engine_kwargs = {k: v for k, v in self.engine_kwargs.items() if k != "kv_cache_memory_bytes"}
-        if replicas_per_gpu == 1:
-            engine_kwargs["gpu_memory_utilization"] = GPU_MEMORY_FRACTION
-        else:
-            engine_kwargs["gpu_memory_utilization"] = round(GPU_MEMORY_FRACTION / replicas_per_gpu, 3)
+        engine_kwargs["gpu_memory_utilization"] = round(GPU_MEMORY_FRACTION / replicas_per_gpu, 3)
+        if replicas_per_gpu > 1:
             if "kv_cache_memory_bytes" not in self.engine_kwargs:
                 raise ValueError(
                     "replicas that share a GPU need a fixed kv_cache_memory_bytes in engine_kwargs"
