@@ -264,9 +264,10 @@ def first_sample_ids(n: int) -> list[str]:
 
 
 GIB = 2**30
-# Each of two engine replicas' KV cache on an 80 GB H100 (81559 MiB): what is left of 90% of it after
-# 14 GiB each (helpers/presets.py, Preset.sharing_gpus). Two of 22 GiB ran there (benchmarks/README.md).
-H100_KV = 21.84 * GIB
+# Each of two engine replicas' KV cache on an 80 GB H100 (81559 MiB), in bytes: 21.84 GiB, what is left
+# of 90% of it after 14 GiB each (helpers/presets.py, Preset.sharing_gpus). Two of 22 GiB ran there
+# (benchmarks/README.md).
+H100_KV = 23_451_978_956
 
 
 def gpus_reporting(folder, gpus: str | None) -> str:

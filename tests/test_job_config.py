@@ -48,12 +48,12 @@ def test_the_schema_check_catches_a_mistake():
         ("143771, Disabled", [], 3, 56 * GIB // 3),
         ("112640, Disabled", [], 2, 56 * GIB // 3 * 3 // 2),
         # two replicas split what an 80 GB GPU has left
-        ("81559, Disabled", [], 2, pytest.approx(H100_KV, rel=1e-3)),
+        ("81559, Disabled", [], 2, H100_KV),
         ("46068, Disabled", [], 1, None),
         (None, [], 1, None),  # a driver on a CPU head node
         (None, ["--replicas-per-gpu", "2"], 2, 56 * GIB // 3 * 3 // 2),
         # the workers' GPUs, which a CPU head node can't see
-        (None, ["--gpu-memory-gib", "80"], 2, pytest.approx(22 * GIB, rel=1e-3)),
+        (None, ["--gpu-memory-gib", "80"], 2, 22 * GIB),
         (None, ["--gpu-memory-gib", "141"], 3, 56 * GIB // 3),
         (None, ["--gpu-memory-gib", "48"], 1, None),
         ("143771, Disabled", ["--replicas-per-gpu", "1"], 1, None),
