@@ -10,7 +10,8 @@ _contact_sheet.png. Bad images become error rows; nothing is dropped. A folder i
 for every regular file under it, whatever its name (`_DSC0001.JPG` too); hidden files such as
 .DS_Store are skipped and counted in the summary (files_found, skipped_files, rows_in). Rerunning
 with the same --output skips the ids already written, so a crashed or preempted job resumes where
-it stopped.
+it stopped. Rows are written and resumed by id, so every input row needs its own: the job counts
+rows that share one (rows_with_a_repeated_id) and then exits 1.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pyarrow.compute as pc
 import ray
 
 from helpers.cli import non_negative, positive
-from helpers.data import FileListing, list_input, read_images
+from helpers.data import FileListing, list_input, listing_rows, read_images
 from helpers.output import (
     AtomicParquetDatasink,
     dedupe_output,
@@ -183,7 +184,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     listing = list_input(args.input or preset.dataset)
     rows_in = None
     if listing is not None:
-        rows_in = len(listing.files) if args.limit is None else min(args.limit, len(listing.files))
+        rows_in = listing_rows(listing)
+        if rows_in is not None and args.limit is not None:
+            rows_in = min(args.limit, rows_in)
         skipped = ", ".join(f"{n} {reason}" for reason, n in listing.skipped_counts().items())
         print(
             f"[job] {listing.files_found} files found under {listing.root}; {len(listing.files)} to read"
@@ -249,6 +252,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "rows_in": rows_in,
             **describe_input(listing),
             "rows_written_this_run": written,
+            # Rows are written and resumed by id (a file is named by its ids, and an id repeated
+            # across files is kept once): rows handed to the sink beyond the new ids shared one.
+            "rows_with_a_repeated_id": max(0, sink.rows_delivered - (summary["unique_ids"] - len(done_ids))),
             "repeated_rows_removed": repeats,
             "images_per_s": round(written / run_s, 3) if run_s else None,
             "pipeline_s": round(run_s, 1),
@@ -268,8 +274,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print("[job] summary:\n" + json.dumps(summary, indent=2), flush=True)
     if rows_in is not None and rows_in != summary["rows_in_output"]:
         print(
-            f"[job] WARNING: {rows_in} input files to caption, but {summary['rows_in_output']} rows "
+            f"[job] WARNING: {rows_in} input rows to caption, but {summary['rows_in_output']} rows "
             f"in {args.output}",
+            file=sys.stderr,
+            flush=True,
+        )
+    if summary["rows_with_a_repeated_id"]:
+        print(
+            f"[job] WARNING: {summary['rows_with_a_repeated_id']} rows had the id of another row: "
+            "rows are written and resumed by id, so such rows can replace each other's caption and a "
+            "rerun skips them. Give every input row its own id (a Parquet --id-column with repeats "
+            "or nulls, WebDataset keys repeated across shards)",
             file=sys.stderr,
             flush=True,
         )
@@ -277,10 +292,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def complete(summary: dict[str, Any]) -> bool:
-    """Every id once, and no input file without its row."""
+    """Every id once, no input row without its row out, and no row kept under another's id."""
     rows_in = summary["rows_in"]
     missing = rows_in is not None and summary["rows_in_output"] < rows_in
-    return summary["unique_ids"] == summary["rows_in_output"] and not missing
+    repeated = summary["rows_with_a_repeated_id"] or summary["unique_ids"] != summary["rows_in_output"]
+    return not (missing or repeated)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import ray
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -171,21 +172,52 @@ def read_parquet_images(
     paths: str | list[str], image_column: str = "image", id_column: str = "id", **read_kwargs
 ) -> ray.data.Dataset:
     """Read Parquet files with an image column (bytes or {"bytes", "path"}) and a key column."""
-    ds = ray.data.read_parquet(paths, **read_kwargs).select_columns([id_column, image_column])
+    ds = ray.data.read_parquet(paths, **read_kwargs)
+    columns = ds.schema().names  # from the files' footers: checked before any image is read
+    if missing := [c for c in (id_column, image_column) if c not in columns]:
+        raise ValueError(
+            f"the Parquet input has no column {', '.join(map(repr, missing))}; its columns: {columns}. "
+            "Name the image and id columns (the job: --image-column, --id-column)"
+        )
+    ds = ds.select_columns([id_column, image_column])
     return ds.map(parquet_row, fn_kwargs={"image_column": image_column, "id_column": id_column})
 
 
-def folder_format(listing: FileListing) -> str:
-    """ "parquet" or "tar" when the folder's files are all of that format, else "images".
+def suffix(path: str) -> str:
+    """A file's extension, lower case, without the dot ("" for none)."""
+    return os.path.splitext(path)[1][1:].lower()
 
-    Side files named with a leading `_` (Parquet writers' `_SUCCESS` and `_metadata`) don't count.
+
+def folder_format(listing: FileListing) -> str:
+    """ "parquet" or "tar" when the folder holds files of that format and no images, else "images".
+
+    Other files beside Parquet files or shards (`_SUCCESS`, a dataset card's `README.md`) don't
+    count. A folder of images and Parquet files or shards, or of both data formats, is refused:
+    which of them to caption is the user's to say.
     """
-    for suffix in ("parquet", "tar"):
-        data = [p for p in listing.files if p.endswith(f".{suffix}")]
-        side = [p for p in listing.files if not p.endswith(f".{suffix}")]
-        if data and all(os.path.basename(p).startswith("_") for p in side):
-            return suffix
-    return "images"
+    data = Counter(suffix(p) for p in listing.files if suffix(p) in ("parquet", "tar"))
+    if not data:
+        return "images"
+    images = sum(suffix(p) in IMAGE_SUFFIXES for p in listing.files)
+    if len(data) > 1 or images:
+        found = " and ".join(
+            [f"{n} .{s}" for s, n in sorted(data.items())] + [f"{images} image"] * bool(images)
+        )
+        raise ValueError(
+            f"{listing.root} holds files of more than one kind ({found} files): pass a glob of one "
+            f"kind instead, such as '{listing.root}/**/*.{next(iter(data))}', or a folder of one kind"
+        )
+    return next(iter(data))
+
+
+def listing_rows(listing: FileListing) -> int | None:
+    """The rows a folder input holds, where that is known without reading its data: one per file
+    of an image folder, each Parquet file's row count from its footer; None for shards."""
+    if listing.format == "images":
+        return len(listing.files)
+    if listing.format == "parquet":
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in listing.files)
+    return None
 
 
 def list_input(source: str) -> FileListing | None:
@@ -194,12 +226,12 @@ def list_input(source: str) -> FileListing | None:
 
     For a folder of Parquet files or shards, the other files (`_SUCCESS`, say) are skipped."""
     local = os.path.expanduser(source)
-    if "://" in source or glob.has_magic(local) or not os.path.isdir(local):
+    if "://" in source or not os.path.isdir(local):  # a folder named `Trip [2023]` is a folder
         return None
     listing = list_files(local)
     listing.format = folder_format(listing)
     if listing.format != "images":
-        data = [p for p in listing.files if p.endswith(f".{listing.format}")]
+        data = [p for p in listing.files if suffix(p) == listing.format]
         for p in sorted(set(listing.files) - set(data)):
             listing.skip(SKIP_NOT_DATA, p)
         listing.files = data
@@ -231,18 +263,18 @@ def read_images(
         if listing.format == "tar":
             return read_webdataset_images(listing.files, **read_kwargs)
         return read_image_folder(local, listing=listing, **read_kwargs)
-    if "://" not in source and glob.has_magic(local):
+    if "://" not in source and glob.has_magic(local) and not os.path.exists(local):
         matches = sorted(glob.glob(local, recursive=True))
         if not matches:
             raise FileNotFoundError(f"no files match {source!r}")
-        if all(m.endswith(".tar") for m in matches):
+        if all(suffix(m) == "tar" for m in matches):
             return read_webdataset_images(matches, **read_kwargs)
-        if all(m.endswith(".parquet") for m in matches):
+        if all(suffix(m) == "parquet" for m in matches):
             return read_parquet_images(matches, **columns, **read_kwargs)
         raise ValueError(f"{source!r} matches files that are neither all .tar nor all .parquet")
-    if source.endswith(".tar"):
+    if suffix(source) == "tar":
         return read_webdataset_images(source, **read_kwargs)
-    if source.endswith(".parquet"):
+    if suffix(source) == "parquet":
         return read_parquet_images(source, **columns, **read_kwargs)
     if "://" not in source and source.count("/") == 1 and not os.path.exists(local):
         paths, fs = hf_dataset_shards(source)

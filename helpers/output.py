@@ -37,6 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
+from ray.data.datasource.datasink import WriteResult
 
 from helpers.rows import OUTPUT_COLUMNS
 
@@ -77,6 +78,10 @@ class AtomicParquetDatasink(Datasink):
 
     def __init__(self, path: str):
         self.path = path
+        self.rows_delivered = 0  # rows the pipeline handed the write tasks, once the write completes
+
+    def on_write_complete(self, write_result: WriteResult) -> None:
+        self.rows_delivered = int(write_result.num_rows)  # a NumPy integer from Ray
 
     def on_write_start(self, *args: Any, **kwargs: Any) -> None:
         fs, root, _ = _filesystem(self.path)
@@ -160,11 +165,10 @@ def write_bytes(path: str, name: str, data: bytes) -> None:
 
 
 def read_output(path: str, columns: list[str] | None = None) -> pa.Table:
-    """All committed rows under path (empty table when nothing is there yet)."""
+    """All committed rows in path's Parquet files (empty table when nothing is there yet): the
+    files `dedupe_output` reads, so other files a user leaves there are neither read nor counted."""
     fs, root, _ = _filesystem(path)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        return OUTPUT_SCHEMA.empty_table().select(columns or list(OUTPUT_COLUMNS))
-    dataset = pads.dataset(root, format="parquet", filesystem=fs, schema=OUTPUT_SCHEMA)
+    dataset = pads.dataset(_part_files(fs, root), format="parquet", filesystem=fs, schema=OUTPUT_SCHEMA)
     return dataset.to_table(columns=columns)
 
 

@@ -12,9 +12,17 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import MIXED_FOLDER_SKIPS, bad_and_odd_images, write_mixed_folder
 
-from helpers.data import SAMPLE_SHARDS, SKIP_NOT_DATA, list_input, read_images, read_webdataset_images
+from helpers.data import (
+    SAMPLE_SHARDS,
+    SKIP_NOT_DATA,
+    list_input,
+    listing_rows,
+    read_images,
+    read_webdataset_images,
+)
 from helpers.rows import decode_image, preprocess
 from helpers.samples import IMAGES_PER_SHARD, NUM_SHARDS, write_sample_shards
 
@@ -96,6 +104,40 @@ def test_shard_and_parquet_folders_read_underscore_names_and_count_the_rest(ray_
     listing = list_input(str(tmp_path / "pq"))
     assert listing.skipped_counts() == {SKIP_NOT_DATA: 1}
     assert read_images(str(tmp_path / "pq"), listing=listing).count() == len(data)
+
+
+def test_a_folder_is_read_as_the_one_kind_of_data_it_holds(ray_local, tmp_path):
+    data = bad_and_odd_images()["good"]
+    # A Hugging Face dataset as `hf download` leaves it: Parquet under data/, beside its card.
+    (tmp_path / "hf" / "data").mkdir(parents=True)
+    for i in range(2):
+        table = pa.table({"id": [f"{i}-{n}" for n in data], "image": list(data.values())})
+        pq.write_table(table, tmp_path / "hf" / "data" / f"train-{i}-of-2.PARQUET")
+    (tmp_path / "hf" / "README.md").write_text("---\nlicense: cc\n---\n")
+    listing = list_input(str(tmp_path / "hf"))
+    assert listing.format == "parquet" and listing.skipped_counts() == {SKIP_NOT_DATA: 1}
+    rows = read_images(str(tmp_path / "hf"), listing=listing).count()
+    assert listing_rows(listing) == rows == 2 * len(data)
+    # Photos beside a shard: which to caption is not the reader's guess.
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "_DSC0001.JPG").write_bytes(data["rgb.jpg"])
+    shard = sorted(Path(SAMPLE_SHARDS).glob("*.tar"))[0]
+    (tmp_path / "photos" / "backup.tar").write_bytes(shard.read_bytes())
+    with pytest.raises(ValueError, match=r"more than one kind \(1 \.tar and 1 image files\)"):
+        list_input(str(tmp_path / "photos"))
+    # Glob characters in a folder's name: still that folder.
+    (tmp_path / "Trip [2023]").mkdir()
+    (tmp_path / "Trip [2023]" / "a.jpg").write_bytes(data["rgb.jpg"])
+    assert [r["id"] for r in read_images(str(tmp_path / "Trip [2023]")).take_all()] == ["a.jpg"]
+
+
+def test_parquet_without_the_named_columns_is_refused_before_reading(ray_local, tmp_path):
+    data = bad_and_odd_images()["good"]
+    pq.write_table(pa.table({"key": list(data), "jpg": list(data.values())}), tmp_path / "part-0.parquet")
+    with pytest.raises(ValueError, match=r"no column 'id', 'image'; its columns: \['key', 'jpg'\]"):
+        read_images(str(tmp_path / "part-0.parquet"))
+    rows = read_images(str(tmp_path), image_column="jpg", id_column="key").take_all()
+    assert {r["id"]: r["image_bytes"] for r in rows} == data
 
 
 def test_parquet_with_hf_style_image_structs(ray_local, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from conftest import bad_and_odd_images
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = [sys.executable, str(ROOT / "batch_inference_vision.py"), "--smoke"]
@@ -45,3 +46,19 @@ def test_prompts_the_engine_rejects_become_error_rows(tmp_path, cluster):
     assert table.num_rows == 4 and summary["errors_by_reason"] == {"engine rejected the request": 4}
     assert all("maximum context length" in e for e in table.column("error").to_pylist())
     assert pa.compute.all(pa.compute.is_null(table.column("caption"))).as_py()
+
+
+def test_rows_that_share_an_id_are_counted_and_fail_the_job(tmp_path, cluster):
+    # The output keeps one row per id (resume skips ids), so rows with repeated ids, here a
+    # repeated key and two nulls, can't all be kept: the job must say so and exit 1.
+    _, env = cluster
+    image = bad_and_odd_images()["good"]["rgb.jpg"]
+    ids = ["a", "a", "b", None, None]
+    pq.write_table(pa.table({"id": ids, "image": [image] * len(ids)}), tmp_path / "in.parquet")
+    out = tmp_path / "captions"
+    args = ["--input", str(tmp_path / "in.parquet"), "--output", str(out), "--no-contact-sheet"]
+    proc = subprocess.run([*JOB, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summary = json.loads(Path(out, "_summary.json").read_text())
+    assert summary["rows_with_a_repeated_id"] == 2 and summary["unique_ids"] == 3
+    assert "2 rows had the id of another row" in proc.stderr
