@@ -70,14 +70,19 @@ def decode_image(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS) -> Imag
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB: transparency onto white, 16/32-bit depths rescaled."""
+    """Convert any Pillow mode to RGB: transparency onto white, 16/32-bit and float depths rescaled."""
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         import numpy as np
 
-        pixels = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") else max(float(pixels.max()), 255.0)
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if image.mode.startswith("I;16"):
+            peak = 65535.0
+        elif image.mode == "F" and pixels.max() <= 1.0:
+            peak = 1.0  # floating-point pixels in 0-1, as scientific TIFFs store them
+        else:
+            peak = max(float(pixels.max()), 255.0)
         scaled = np.clip(pixels * (255.0 / peak), 0, 255).astype(np.uint8)
         return Image.fromarray(scaled, mode="L").convert("RGB")
     if image.mode == "P":

@@ -1,6 +1,7 @@
 """The row functions, on every kind of odd and broken input."""
 
 import dataclasses
+import io
 
 import pytest
 from conftest import bad_and_odd_images, encode, png_claiming_size
@@ -71,6 +72,11 @@ def test_transparency_goes_onto_white_and_16_bit_is_rescaled():
     assert decode_image(CASES["good"]["rgba.png"]).getpixel((0, 0)) == (255, 255, 255)
     assert decode_image(CASES["good"]["la.png"]).getpixel((0, 0)) == (255, 255, 255)
     assert decode_image(CASES["good"]["gray16.png"]).getpixel((0, 0)) == (127, 127, 127)
+    # Float pixels in 0-1 (a scientific TIFF): 0.5 is mid-grey, not black; NaN is black.
+    for value, grey in ((0.5, 127), (float("nan"), 0)):
+        tiff = io.BytesIO()
+        Image.new("F", (8, 8), value).save(tiff, "TIFF")
+        assert decode_image(tiff.getvalue()).getpixel((0, 0)) == (grey, grey, grey)
 
 
 def test_cmyk_keeps_its_colour():
