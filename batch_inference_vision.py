@@ -116,9 +116,16 @@ def open_input(
     )
 
 
+def rows_to_caption(listing: FileListing | None, limit: int | None) -> int | None:
+    """The rows the output must hold once the run is done, where the input tells without being
+    read (a folder of images or of Parquet files); None for other inputs."""
+    rows = listing_rows(listing) if listing is not None else None
+    return rows if rows is None or limit is None else min(limit, rows)
+
+
 def describe_input(listing: FileListing | None) -> dict[str, Any]:
     """What went in, for the summary: for a local folder, the regular files found under it and
-    those skipped on purpose, by reason (rows in = files found - files skipped)."""
+    those skipped on purpose, by reason (for a folder of images, rows in = files found - files skipped)."""
     if listing is None:
         return {"files_found": None, "skipped_files": {}}
     return {"files_found": listing.files_found, "skipped_files": listing.skipped_counts()}
@@ -182,11 +189,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     listing = list_input(args.input or preset.dataset)
-    rows_in = None
+    rows_in = rows_to_caption(listing, args.limit)
     if listing is not None:
-        rows_in = listing_rows(listing)
-        if rows_in is not None and args.limit is not None:
-            rows_in = min(args.limit, rows_in)
         skipped = ", ".join(f"{n} {reason}" for reason, n in listing.skipped_counts().items())
         print(
             f"[job] {listing.files_found} files found under {listing.root}; {len(listing.files)} to read"

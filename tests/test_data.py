@@ -131,6 +131,21 @@ def test_a_folder_is_read_as_the_one_kind_of_data_it_holds(ray_local, tmp_path):
     assert [r["id"] for r in read_images(str(tmp_path / "Trip [2023]")).take_all()] == ["a.jpg"]
 
 
+def test_inputs_that_cant_be_read_as_one_kind_are_refused_with_the_reason(tmp_path):
+    shard = sorted(Path(SAMPLE_SHARDS).glob("*.tar"))[0].read_bytes()
+    (tmp_path / "both").mkdir()
+    (tmp_path / "both" / "a.tar").write_bytes(shard)
+    pq.write_table(pa.table({"id": ["x"], "image": [b""]}), tmp_path / "both" / "b.parquet")
+    with pytest.raises(ValueError, match=r"more than one kind \(1 \.parquet and 1 \.tar files\)"):
+        list_input(str(tmp_path / "both"))
+    with pytest.raises(ValueError, match="neither all .tar nor all .parquet"):
+        read_images(str(tmp_path / "both" / "*"))
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        read_images(str(tmp_path / "*.tar"))
+    with pytest.raises(FileNotFoundError, match="can't open"):
+        read_images(str(tmp_path / "missing" / "photos"))
+
+
 def test_parquet_without_the_named_columns_is_refused_before_reading(ray_local, tmp_path):
     data = bad_and_odd_images()["good"]
     pq.write_table(pa.table({"key": list(data), "jpg": list(data.values())}), tmp_path / "part-0.parquet")

@@ -11,6 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import bad_and_odd_images
 
+from batch_inference_vision import complete, rows_to_caption
+from helpers.data import list_input
+
 ROOT = Path(__file__).resolve().parent.parent
 JOB = [sys.executable, str(ROOT / "batch_inference_vision.py"), "--smoke"]
 
@@ -62,3 +65,16 @@ def test_rows_that_share_an_id_are_counted_and_fail_the_job(tmp_path, cluster):
     summary = json.loads(Path(out, "_summary.json").read_text())
     assert summary["rows_with_a_repeated_id"] == 2 and summary["unique_ids"] == 3
     assert "2 rows had the id of another row" in proc.stderr
+
+
+def test_the_job_counts_a_run_complete_only_with_every_row_once(tmp_path):
+    for name in "abcde":
+        (tmp_path / f"{name}.jpg").write_bytes(b"")
+    listing = list_input(str(tmp_path))
+    assert [rows_to_caption(listing, n) for n in (None, 3, 9)] == [5, 3, 5]
+    assert rows_to_caption(None, 3) is None  # shards, a glob: not known before reading
+    done = {"rows_in": 5, "rows_in_output": 5, "unique_ids": 5, "rows_with_a_repeated_id": 0}
+    assert complete(done) and complete(done | {"rows_in": None})
+    assert not complete(done | {"rows_in_output": 4, "unique_ids": 4})  # an input row without its row
+    assert not complete(done | {"unique_ids": 4})  # an id twice in the output
+    assert not complete(done | {"rows_with_a_repeated_id": 1})  # a row kept under another's id

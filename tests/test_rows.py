@@ -24,11 +24,31 @@ from helpers.rows import (
 CASES = bad_and_odd_images()
 
 
+RED, WHITE = (200, 30, 30), (255, 255, 255)
+# name -> (size as displayed, colour): transparency onto white, EXIF rotation applied, the first
+# frame of an animation. Lossy formats and the web palette come within 24 of each channel.
+DECODED = {
+    "rgb.jpg": ((64, 48), RED),
+    "cmyk.jpg": ((64, 48), RED),
+    "gray16.png": ((32, 32), (127, 127, 127)),
+    "palette.png": ((64, 48), RED),
+    "palette_transparent.png": ((20, 20), WHITE),
+    "la.png": ((32, 32), WHITE),
+    "rgba.png": ((32, 32), WHITE),
+    "rotated.jpg": ((20, 40), (0, 128, 0)),
+    "animated.gif": ((16, 16), (255, 0, 0)),
+    "tiny_1x1.png": ((1, 1), (9, 9, 9)),
+    "webp.webp": ((64, 48), RED),
+    "bitmap.bmp": ((64, 48), RED),
+}
+
+
 @pytest.mark.parametrize("name", sorted(CASES["good"]))
-def test_every_valid_image_decodes_to_rgb(name):
+def test_every_valid_image_decodes_to_rgb_as_displayed(name):
     image = decode_image(CASES["good"][name])
-    assert image.mode == "RGB"
-    assert image.width >= 1 and image.height >= 1
+    size, colour = DECODED[name]
+    assert image.mode == "RGB" and image.size == size
+    assert all(abs(a - b) <= 24 for a, b in zip(image.getpixel((0, 0)), colour, strict=True)), name
 
 
 @pytest.mark.parametrize(
@@ -156,7 +176,7 @@ def test_postprocess_keeps_text_only():
     }
     failed = postprocess({**engine_row, "decode_error": "empty file (0 bytes)"}, model="m")
     assert failed["caption"] is None and failed["error"] == "empty file (0 bytes)"
-    assert failed["num_generated_tokens"] == 0
+    assert failed["num_input_tokens"] == failed["num_generated_tokens"] == 0 and failed["model"] == "m"
 
 
 def test_finalize_gives_engine_rejections_the_output_schema():
@@ -166,3 +186,6 @@ def test_finalize_gives_engine_rejections_the_output_schema():
     out = finalize(rejected, model="m")
     assert tuple(out) == OUTPUT_COLUMNS
     assert out["caption"] is None and "prompt is too long" in out["error"]
+    long = finalize({"id": "c", ENGINE_ERROR_COLUMN: "x" * 1000, "num_input_tokens": 7}, model="m")
+    assert len(long["error"]) == 500 and long["error"].startswith("engine rejected the request: x")
+    assert (long["num_input_tokens"], long["num_generated_tokens"], long["model"]) == (7, 0, "m")
