@@ -19,7 +19,10 @@ from conftest import BIN, MIXED_FOLDER_SKIPS, write_mixed_folder
 from PIL import Image, ImageChops, ImageDraw
 
 from helpers.output import OUTPUT_SCHEMA
+from helpers.rows import decode_image
 from helpers.show import GREY, draw_tile_text, tile_boxes
+
+WHITE = (255, 255, 255)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,7 +111,7 @@ def test_summary_counts_match_the_output(mixed_run):
 
 
 def test_contact_sheet_shows_each_image_with_its_caption_or_error(mixed_run):
-    _, out, summary, _ = mixed_run
+    files, out, summary, _ = mixed_run
     sheet = Image.open(Path(out, "_contact_sheet.png")).convert("RGB")
     # 8 images in 4 columns of 208 px; rows 208 + 5 text lines of 12 px; a 24 px title.
     assert sheet.size == (4 * 208, 24 + 2 * (208 + 60))
@@ -129,6 +132,11 @@ def test_contact_sheet_shows_each_image_with_its_caption_or_error(mixed_run):
         # A grey tile for exactly the files that aren't images.
         grey = sheet.crop(image_box).getcolors() == [(192 * 192, GREY)]
         assert grey == (ids[0] in EXPECTED_REASONS), (i, ids[0])
+        if not grey:  # the tile's image is that row's: its main colour (white is the background)
+            tile = [c for c in sorted(sheet.crop(image_box).getcolors(192 * 192))[::-1] if c[1] != WHITE]
+            image = decode_image(files[ids[0]])
+            main = max(image.getcolors(image.width * image.height))[1]
+            assert all(abs(a - b) <= 24 for a, b in zip(tile[0][1], main, strict=True)), (ids[0], main)
     assert len(set(shown)) == 8
 
 
