@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import io
 import json
+import re
 import sys
 import time
 import traceback
@@ -234,9 +235,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         traceback.print_exc()
         # Count only: rewriting files here could fail again (a full disk); the rerun dedupes.
         committed = pc.count_distinct(read_output(args.output, columns=["id"]).column("id")).as_py()
-        last_line = (str(e).strip().splitlines() or [""])[-1][:500]
         print(
-            f"[job] FAILED: {type(e).__name__}: {last_line}\n"
+            f"[job] FAILED: {type(e).__name__}: {failure_reason(e)}\n"
             f"[job] {committed} rows are committed in {args.output}; run the same command again "
             "to caption the rest.",
             file=sys.stderr,
@@ -293,6 +293,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
     return summary
+
+
+def failure_reason(error: BaseException) -> str:
+    """The line that names what failed: a Ray task's error carries the original exception's
+    traceback above Ray's own lines (which end with retry advice), so its first exception line."""
+    lines = str(error).strip().splitlines() or [""]
+    named = (line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b.*:", line))
+    return next(named, lines[-1])[:500]
 
 
 def complete(summary: dict[str, Any]) -> bool:

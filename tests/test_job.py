@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import bad_and_odd_images
 
-from batch_inference_vision import complete, rows_to_caption
+from batch_inference_vision import complete, failure_reason, rows_to_caption
 from helpers.data import list_input
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,3 +79,14 @@ def test_the_job_counts_a_run_complete_only_with_every_row_once(tmp_path):
     assert not complete(done | {"rows_in_output": 4, "unique_ids": 4})  # an input row without its row
     assert not complete(done | {"unique_ids": 4})  # an id twice in the output
     assert not complete(done | {"rows_with_a_repeated_id": 1})  # a row kept under another's id
+
+
+def test_a_failed_job_names_the_error_not_rays_retry_advice(ray_local):
+    def no_id_column(row):
+        return {"id": row["key"]}
+
+    with pytest.raises(Exception) as failed:
+        ray_local.data.range(2).map(no_id_column).materialize()
+    assert "retry" in str(failed.value).splitlines()[-1]  # what the job used to print
+    assert failure_reason(failed.value) == "KeyError: 'key'"
+    assert failure_reason(OSError(28, "No space left on device")) == "[Errno 28] No space left on device"
