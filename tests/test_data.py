@@ -106,6 +106,15 @@ def test_shard_and_parquet_folders_read_underscore_names_and_count_the_rest(ray_
     assert read_images(str(tmp_path / "pq"), listing=listing).count() == len(data)
 
 
+def test_a_link_back_up_the_tree_is_walked_once(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"")
+    (tmp_path / "a" / "back").symlink_to("..")  # a loop: a/back/a/back/...
+    listing = list_input(str(tmp_path))
+    assert [os.path.relpath(p, tmp_path) for p in listing.files] == ["a/x.jpg"]
+    assert listing.files_found == 1
+
+
 def test_a_folder_is_read_as_the_one_kind_of_data_it_holds(ray_local, tmp_path):
     data = bad_and_odd_images()["good"]
     # A Hugging Face dataset as `hf download` leaves it: Parquet under data/, beside its card.
