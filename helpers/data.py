@@ -195,10 +195,11 @@ def folder_format(listing: FileListing) -> str:
     count. A folder of images and Parquet files or shards, or of both data formats, is refused:
     which of them to caption is the user's to say.
     """
-    data = Counter(suffix(p) for p in listing.files if suffix(p) in ("parquet", "tar"))
+    kinds = Counter(map(suffix, listing.files))
+    data = {s: kinds[s] for s in ("parquet", "tar") if kinds[s]}
     if not data:
         return "images"
-    images = sum(suffix(p) in IMAGE_SUFFIXES for p in listing.files)
+    images = sum(kinds[s] for s in IMAGE_SUFFIXES)
     if len(data) > 1 or images:
         found = " and ".join(
             [f"{n} .{s}" for s, n in sorted(data.items())] + [f"{images} image"] * bool(images)
