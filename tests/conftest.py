@@ -143,6 +143,14 @@ def png_claiming_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+WHITE = (255, 255, 255)
+
+
+def near(colour: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """Each channel within 24 of the expected: what JPEG, WebP and the web palette keep of a colour."""
+    return all(abs(a - b) <= 24 for a, b in zip(colour, expected, strict=True))
+
+
 def bad_and_odd_images() -> dict[str, bytes]:
     """name -> bytes: every kind of input the pipeline must survive (valid ones first)."""
     rgb = Image.new("RGB", (64, 48), (200, 30, 30))

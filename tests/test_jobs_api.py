@@ -15,14 +15,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BIN, MIXED_FOLDER_SKIPS, write_mixed_folder
+from conftest import BIN, MIXED_FOLDER_SKIPS, WHITE, near, write_mixed_folder
 from PIL import Image, ImageChops, ImageDraw
 
 from helpers.output import OUTPUT_SCHEMA
 from helpers.rows import decode_image
 from helpers.show import GREY, draw_tile_text, tile_boxes
-
-WHITE = (255, 255, 255)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,7 +134,7 @@ def test_contact_sheet_shows_each_image_with_its_caption_or_error(mixed_run):
             tile = [c for c in sorted(sheet.crop(image_box).getcolors(192 * 192))[::-1] if c[1] != WHITE]
             image = decode_image(files[ids[0]])
             main = max(image.getcolors(image.width * image.height))[1]
-            assert all(abs(a - b) <= 24 for a, b in zip(tile[0][1], main, strict=True)), (ids[0], main)
+            assert near(tile[0][1], main), (ids[0], main)
     assert len(set(shown)) == 8
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import ray
 import vllm
-from conftest import H100_KV, encode
+from conftest import GIB, H100_KV, encode
 from PIL import Image
 from ray.llm._internal.batch.processor.base import Processor
 from ray.llm._internal.batch.stages.common import maybe_convert_ndarray_to_list
@@ -158,23 +158,23 @@ def test_engine_replicas_that_share_a_gpu_ask_for_their_share_and_a_fixed_kv_cac
 # (benchmarks/README.md) and peaked at 71.3 GiB together; the rule gives them a little less. Told to
 # run the preset's three there, they get smaller caches still; more than the GPU holds is refused.
 def test_replicas_on_a_gpu_too_small_for_the_presets_kv_cache_split_what_is_left():
-    base, gib = get_preset(smoke_test=False), 2**30
-    h100, h200, gpu_96, gpu_110 = 81559 * 2**20, 143771 * 2**20, 97871 * 2**20, 110 * gib
+    base = get_preset(smoke_test=False)
+    h100, h200, gpu_96, gpu_110 = 81559 * 2**20, 143771 * 2**20, 97871 * 2**20, 110 * GIB
     kv = {  # (GPU, replicas asked for or None) -> each replica's KV cache
         (h100, None): H100_KV,  # 21.84 GiB
         (h100, 3): 10_623_857_459,  # 9.89 GiB
         (h100, 1): None,
-        (h200, None): 56 * gib // 3,
-        (gpu_96, None): 56 * gib // 3 * 3 // 2,  # room for the preset's cache: it is kept
-        (gpu_110, None): 56 * gib // 3 * 3 // 2,
-        (None, 2): 56 * gib // 3 * 3 // 2,  # size unknown (a CPU head node): the preset's cache
+        (h200, None): 56 * GIB // 3,
+        (gpu_96, None): 56 * GIB // 3 * 3 // 2,  # room for the preset's cache: it is kept
+        (gpu_110, None): 56 * GIB // 3 * 3 // 2,
+        (None, 2): 56 * GIB // 3 * 3 // 2,  # size unknown (a CPU head node): the preset's cache
     }
     default = {h100: 2, h200: 3, gpu_96: 2, gpu_110: 2}  # replicas where none are asked for
     for (gpu, asked), want in kv.items():
         preset = base.for_gpu(gpu, asked)
         assert preset.engine_kwargs.get("kv_cache_memory_bytes") == want, (gpu, asked)
         assert preset.replicas_per_gpu == (asked or default[gpu]), (gpu, asked)
-    assert base.for_gpu(h100).engine_kwargs["kv_cache_memory_bytes"] <= 22 * gib  # no more than ran
+    assert base.for_gpu(h100).engine_kwargs["kv_cache_memory_bytes"] <= 22 * GIB  # no more than ran
     assert base.sharing_gpus(2, h100).engine_kwargs == base.for_gpu(h100).engine_kwargs
     with pytest.raises(ValueError, match="3 engine replicas do not fit a GPU of 45.0 GiB"):
         base.for_gpu(46068 * 2**20, 3)
