@@ -2,7 +2,8 @@
 
 One output folder lives through the faults a long job meets, one after another, each run the same
 command (the first 20 of the 24 bundled images, as job.yaml's --limit with retries):
-  1. the output disk fills up: the job exits 1 with a clear message and what to do;
+  1. the output disk fills up: the job exits 1 with a clear message and what to do (a tmpfs,
+     mounted as root; where it can't be, this step alone is left out, with a warning);
   2. the disk has room again, and the driver alone is SIGKILLed after its first commit, its Ray
      workers left running on for a moment;
   3. the rerun at once, during which a CPU-stage actor and then the engine's actor are SIGKILLed:
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -113,14 +115,21 @@ def ids_in(out: Path) -> list[str]:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 16 KiB tmpfs: room for a few of the job's files (one 4 KiB page each), not all 10."""
+    """A 16 KiB tmpfs: room for a few of the job's files (one 4 KiB page each), not all 10. None
+    where one can't be mounted (it needs root): the test then leaves out the full disk alone."""
     disk = tmp_path / "disk"
     disk.mkdir()
     mount = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)], capture_output=True
     )
     if mount.returncode:
-        pytest.skip(f"can't mount a tmpfs here (needs root): {mount.stderr.decode().strip()}")
+        warnings.warn(
+            f"the full-disk step is left out: can't mount a tmpfs here (needs root): "
+            f"{mount.stderr.decode().strip()}",
+            stacklevel=1,
+        )
+        yield None
+        return
     try:
         yield disk
     finally:
@@ -130,17 +139,19 @@ def small_disk(tmp_path):
 def test_a_full_disk_a_killed_driver_and_killed_workers_each_resume_to_the_first_n_ids_once(
     tmp_path, small_disk
 ):
-    out = small_disk / "captions"
+    out = (small_disk or tmp_path) / "captions"
     args = job_args(out)
 
     # 1. The disk fills up: a clear failure, with what to do, and the rows committed before it.
-    rc, log = Job.start(out, tmp_path / "full_disk.log", args).finish()
-    assert rc == 1, log[-3000:]
-    assert "[job] FAILED" in log and "No space left on device" in log, log[-3000:]
-    assert "run the same command again" in log
-    committed = ids_in(out)
-    assert len(committed) < LIMIT
-    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    committed = []
+    if small_disk:
+        rc, log = Job.start(out, tmp_path / "full_disk.log", args).finish()
+        assert rc == 1, log[-3000:]
+        assert "[job] FAILED" in log and "No space left on device" in log, log[-3000:]
+        assert "run the same command again" in log
+        committed = ids_in(out)
+        assert len(committed) < LIMIT
+        subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
 
     # 2. The driver alone, after its first commit: its Ray workers run on for a moment and may
     # still commit files, while the rerun below has already read what is there.
