@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -219,6 +221,43 @@ def listing_rows(listing: FileListing) -> int | None:
     if listing.format == "parquet":
         return sum(pq.ParquetFile(p).metadata.num_rows for p in listing.files)
     return None
+
+
+def local_parquet_files(source: str, listing: FileListing | None = None) -> list[str]:
+    """The local Parquet files an input names (a folder of them, a glob or a file), as
+    `read_images` resolves it; [] for any other input, remote ones included."""
+    if listing is not None:
+        return list(listing.files) if listing.format == "parquet" else []
+    local = os.path.expanduser(source)
+    if "://" in source:
+        return []
+    if glob.has_magic(local) and not os.path.exists(local):
+        matches = sorted(glob.glob(local, recursive=True))
+        return matches if matches and all(suffix(m) == "parquet" for m in matches) else []
+    return [local] if suffix(source) == "parquet" and os.path.isfile(local) else []
+
+
+def repeated_ids(paths: list[str], id_column: str) -> tuple[int, list[str]]:
+    """Rows of these Parquet files whose id another row already has, and up to three such ids.
+
+    Reads only the id column. Ids compare as the rows will carry them: as strings, every null as
+    "None". (0, []) where a file lacks the column (the reader names that error itself) or its ids
+    don't convert to text (binary): the job's count after the run still catches repeats there."""
+    ids = []
+    for path in paths:
+        if id_column not in pq.read_schema(path).names:
+            return 0, []
+        try:
+            ids.append(pq.read_table(path, columns=[id_column]).column(id_column).cast(pa.string()))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # ids that aren't text or numbers
+            return 0, []
+    if not ids:
+        return 0, []
+    column = pa.chunked_array([c for chunked in ids for c in chunked.chunks], type=pa.string())
+    counts = pc.value_counts(column.fill_null("None"))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    extra = pc.sum(pc.subtract(repeated.field("counts"), 1)).as_py() or 0
+    return extra, repeated.field("values").to_pylist()[:3]
 
 
 def list_input(source: str) -> FileListing | None:

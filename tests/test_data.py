@@ -20,8 +20,10 @@ from helpers.data import (
     SKIP_NOT_DATA,
     list_input,
     listing_rows,
+    local_parquet_files,
     read_images,
     read_webdataset_images,
+    repeated_ids,
 )
 from helpers.rows import decode_image, preprocess
 from helpers.samples import IMAGES_PER_SHARD, NUM_SHARDS, write_sample_shards
@@ -162,6 +164,22 @@ def test_parquet_without_the_named_columns_is_refused_before_reading(ray_local, 
         read_images(str(tmp_path / "part-0.parquet"))
     rows = read_images(str(tmp_path), image_column="jpg", id_column="key").take_all()
     assert {r["id"]: r["image_bytes"] for r in rows} == data
+
+
+def test_repeated_ids_of_local_parquet_are_counted_as_the_rows_will_carry_them(tmp_path):
+    pq.write_table(pa.table({"id": ["a", "a", "b", None, None]}), tmp_path / "part-0.parquet")
+    pq.write_table(pa.table({"id": [1, 2, 3]}), tmp_path / "part-1.parquet")
+    pq.write_table(pa.table({"id": ["1", "c"]}), tmp_path / "part-2.parquet")
+    (tmp_path / "_SUCCESS").write_text("")
+    folder = local_parquet_files(str(tmp_path), list_input(str(tmp_path)))
+    assert [Path(p).name for p in folder] == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
+    assert local_parquet_files(str(tmp_path / "part-*.parquet")) == folder
+    assert local_parquet_files("s3://bucket/part-0.parquet") == []
+    # Two nulls are one id ("None"), as the rows carry them; 1 in one file and "1" in another too.
+    assert repeated_ids(folder[:1], "id") == (2, ["a", "None"])
+    assert repeated_ids(folder[1:], "id") == (1, ["1"])
+    assert repeated_ids(folder[1:2], "id") == (0, [])
+    assert repeated_ids(folder, "key") == (0, [])  # the reader names a missing column
 
 
 def test_parquet_with_hf_style_image_structs(ray_local, tmp_path):

@@ -52,15 +52,31 @@ def test_prompts_the_engine_rejects_become_error_rows(tmp_path, cluster):
     assert pa.compute.all(pa.compute.is_null(table.column("caption"))).as_py()
 
 
-def test_rows_that_share_an_id_are_counted_and_fail_the_job(tmp_path, cluster):
-    # The output keeps one row per id (resume skips ids), so rows with repeated ids, here a
-    # repeated key and two nulls, can't all be kept: the job must say so and exit 1.
+def test_local_parquet_that_repeats_an_id_is_refused_before_captioning(tmp_path, cluster):
+    # Rows are written and resumed by id: a local Parquet input is checked before the run.
     _, env = cluster
     image = bad_and_odd_images()["good"]["rgb.jpg"]
     ids = ["a", "a", "b", None, None]
     pq.write_table(pa.table({"id": ids, "image": [image] * len(ids)}), tmp_path / "in.parquet")
     out = tmp_path / "captions"
     args = ["--input", str(tmp_path / "in.parquet"), "--output", str(out), "--no-contact-sheet"]
+    proc = subprocess.run([*JOB, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "2 rows of the input have the id of another row in column 'id' (such as 'a', 'None'" in proc.stderr
+    assert not list(out.glob("*.parquet"))
+
+
+def test_rows_that_share_an_id_are_counted_and_fail_the_job(tmp_path, cluster):
+    # Within --limit (and for shards) the rows are not checked before the run: the output keeps
+    # one row per id, so rows with repeated ids, here a repeated key and two nulls, can't all be
+    # kept, and the job must say so after the run and exit 1.
+    _, env = cluster
+    image = bad_and_odd_images()["good"]["rgb.jpg"]
+    ids = ["a", "a", "b", None, None]
+    pq.write_table(pa.table({"id": ids, "image": [image] * len(ids)}), tmp_path / "in.parquet")
+    out = tmp_path / "captions"
+    args = ["--input", str(tmp_path / "in.parquet"), "--output", str(out), "--no-contact-sheet"]
+    args += ["--limit", "5"]
     proc = subprocess.run([*JOB, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-5000:]
     summary = json.loads(Path(out, "_summary.json").read_text())
