@@ -10,9 +10,9 @@ _contact_sheet.png. Bad images become error rows; nothing is dropped. A folder i
 for every regular file under it, whatever its name (`_DSC0001.JPG` too); hidden files such as
 .DS_Store are skipped and counted in the summary (files_found, skipped_files, rows_in). Rerunning
 with the same --output skips the ids already written, so a crashed or preempted job resumes where
-it stopped. Rows are written and resumed by id, so every input row needs its own: a local Parquet
-input whose id column repeats an id is refused before the run (exit 2); for other inputs, and
-within --limit, the job counts rows that share one (rows_with_a_repeated_id) and then exits 1.
+it stopped. Rows are written and resumed by id, so every input row needs its own: local Parquet
+or shards that repeat an id are refused before the run (exit 2); for remote inputs, and within
+--limit, the job counts rows that share one (rows_with_a_repeated_id) and then exits 1.
 """
 
 from __future__ import annotations
@@ -32,7 +32,15 @@ import pyarrow.compute as pc
 import ray
 
 from helpers.cli import non_negative, positive
-from helpers.data import FileListing, list_input, listing_rows, local_parquet_files, read_images, repeated_ids
+from helpers.data import (
+    FileListing,
+    list_input,
+    listing_rows,
+    local_data_files,
+    read_images,
+    repeated_ids,
+    repeated_shard_keys,
+)
 from helpers.output import (
     AtomicParquetDatasink,
     dedupe_output,
@@ -200,7 +208,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
     if args.limit is None:  # with --limit, only the rows taken count, after the run
-        check_ids_unique(local_parquet_files(args.input or preset.dataset, listing), args.id_column)
+        check_ids_unique(*local_data_files(args.input or preset.dataset, listing), args.id_column)
     ds = open_input(args, preset, listing)
     if args.limit is not None:
         ds = ds.limit(args.limit)
@@ -298,16 +306,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def check_ids_unique(parquet_files: list[str], id_column: str) -> None:
-    """Refuse a local Parquet input whose id column repeats an id, before any image is captioned:
-    rows are written and resumed by id, so rows that share one would replace each other."""
-    extra, examples = repeated_ids(parquet_files, id_column)
+def check_ids_unique(data_format: str, files: list[str], id_column: str) -> None:
+    """Refuse local Parquet or shards that repeat an id, before any image is captioned: rows are
+    written and resumed by id, so rows that share one would replace each other."""
+    if data_format == "parquet":
+        extra, examples = repeated_ids(files, id_column)
+        where = f"the id column {id_column!r} (a null id is 'None')"
+        fix = "name another --id-column, or add one"
+    else:
+        extra, examples = repeated_shard_keys(files) if data_format == "tar" else (0, [])
+        where = "the keys of another shard"
+        fix = "rename the samples of one shard, or key them by shard"
     if extra:
         print(
-            f"[job] ERROR: {extra} rows of the input have the id of another row in column "
-            f"{id_column!r} (such as {', '.join(map(repr, examples))}; a null id is 'None'). Rows are "
-            "written and resumed by id, so give every row its own: name another --id-column, or add "
-            "one. Nothing was captioned.",
+            f"[job] ERROR: {extra} input rows repeat an id of another row, in {where}; such as "
+            f"{', '.join(map(repr, examples))}. Rows are written and resumed by id, so give every row "
+            f"its own: {fix}. Nothing was captioned.",
             file=sys.stderr,
             flush=True,
         )

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import stat
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,18 +225,22 @@ def listing_rows(listing: FileListing) -> int | None:
     return None
 
 
-def local_parquet_files(source: str, listing: FileListing | None = None) -> list[str]:
-    """The local Parquet files an input names (a folder of them, a glob or a file), as
-    `read_images` resolves it; [] for any other input, remote ones included."""
+def local_data_files(source: str, listing: FileListing | None = None) -> tuple[str, list[str]]:
+    """The format ("parquet" or "tar") and local files of an input that names local Parquet files
+    or WebDataset shards (a folder of them, a glob or a file), as `read_images` resolves it;
+    ("", []) for any other input, remote ones included."""
     if listing is not None:
-        return list(listing.files) if listing.format == "parquet" else []
+        return (listing.format, list(listing.files)) if listing.format in ("parquet", "tar") else ("", [])
     local = os.path.expanduser(source)
     if "://" in source:
-        return []
+        return "", []
     if glob.has_magic(local) and not os.path.exists(local):
         matches = sorted(glob.glob(local, recursive=True))
-        return matches if matches and all(suffix(m) == "parquet" for m in matches) else []
-    return [local] if suffix(source) == "parquet" and os.path.isfile(local) else []
+        kinds = {suffix(m) for m in matches}
+        return (kinds.pop(), matches) if len(kinds) == 1 and kinds <= {"parquet", "tar"} else ("", [])
+    if suffix(source) in ("parquet", "tar") and os.path.isfile(local):
+        return suffix(source), [local]
+    return "", []
 
 
 def repeated_ids(paths: list[str], id_column: str) -> tuple[int, list[str]]:
@@ -258,6 +264,24 @@ def repeated_ids(paths: list[str], id_column: str) -> tuple[int, list[str]]:
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     extra = pc.sum(pc.subtract(repeated.field("counts"), 1)).as_py() or 0
     return extra, repeated.field("values").to_pylist()[:3]
+
+
+# A WebDataset sample's key: the member's path up to the first "." of its file name (the pattern
+# of Ray's `read_webdataset`).
+SHARD_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def repeated_shard_keys(paths: list[str]) -> tuple[int, list[str]]:
+    """Samples of these WebDataset shards whose key another shard's sample already has, and up
+    to three such keys. Reads only the members' headers (Ray's reader refuses a key repeated
+    within one shard itself)."""
+    shards_with = Counter()
+    for path in paths:
+        with tarfile.open(path, "r:*") as tar:
+            keys = {m[1] for m in (SHARD_KEY.match(i.name) for i in tar if i.isreg()) if m}
+        shards_with.update(keys)
+    repeated = [key for key, n in shards_with.items() if n > 1]
+    return sum(shards_with[key] - 1 for key in repeated), sorted(repeated)[:3]
 
 
 def list_input(source: str) -> FileListing | None:

@@ -2,9 +2,11 @@
 
 import glob
 import hashlib
+import io
 import json
 import os
 import re
+import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,10 +22,11 @@ from helpers.data import (
     SKIP_NOT_DATA,
     list_input,
     listing_rows,
-    local_parquet_files,
+    local_data_files,
     read_images,
     read_webdataset_images,
     repeated_ids,
+    repeated_shard_keys,
 )
 from helpers.rows import decode_image, preprocess
 from helpers.samples import IMAGES_PER_SHARD, NUM_SHARDS, write_sample_shards
@@ -171,15 +174,36 @@ def test_repeated_ids_of_local_parquet_are_counted_as_the_rows_will_carry_them(t
     pq.write_table(pa.table({"id": [1, 2, 3]}), tmp_path / "part-1.parquet")
     pq.write_table(pa.table({"id": ["1", "c"]}), tmp_path / "part-2.parquet")
     (tmp_path / "_SUCCESS").write_text("")
-    folder = local_parquet_files(str(tmp_path), list_input(str(tmp_path)))
+    data_format, folder = local_data_files(str(tmp_path), list_input(str(tmp_path)))
+    assert data_format == "parquet"
     assert [Path(p).name for p in folder] == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
-    assert local_parquet_files(str(tmp_path / "part-*.parquet")) == folder
-    assert local_parquet_files("s3://bucket/part-0.parquet") == []
+    assert local_data_files(str(tmp_path / "part-*.parquet")) == ("parquet", folder)
+    assert local_data_files("s3://bucket/part-0.parquet") == ("", [])
     # Two nulls are one id ("None"), as the rows carry them; 1 in one file and "1" in another too.
     assert repeated_ids(folder[:1], "id") == (2, ["a", "None"])
     assert repeated_ids(folder[1:], "id") == (1, ["1"])
     assert repeated_ids(folder[1:2], "id") == (0, [])
     assert repeated_ids(folder, "key") == (0, [])  # the reader names a missing column
+
+
+def test_shard_keys_repeated_across_shards_are_counted_from_the_headers(tmp_path):
+    def shard(name, members):
+        with tarfile.open(tmp_path / name, "w") as tar:
+            for member in members:
+                info = tarfile.TarInfo(member)
+                info.size = 1
+                tar.addfile(info, io.BytesIO(b"x"))
+
+    shard("a-0.tar", ["000.jpg", "000.txt", "001.jpg", "sub/002.jpg"])
+    shard("a-1.tar", ["000.jpg", "001.png", "003.jpg", "sub/002.jpg"])
+    shard("a-2.tar", ["000.jpg", "a.b/004.jpg"])
+    data_format, shards = local_data_files(str(tmp_path / "*.tar"))
+    assert data_format == "tar" and len(shards) == 3
+    # A key is the path up to the first "." of the file name: "000.jpg" and "000.txt" are one
+    # sample; "000" is in three shards (two repeats), "001" and "sub/002" in two.
+    assert repeated_shard_keys(shards) == (4, ["000", "001", "sub/002"])
+    assert repeated_shard_keys(shards[:1]) == (0, [])
+    assert repeated_shard_keys(write_sample_shards(str(tmp_path / "samples"))) == (0, [])
 
 
 def test_parquet_with_hf_style_image_structs(ray_local, tmp_path):

@@ -2,9 +2,11 @@
 run. The job over a real folder (error rows, resume, summary, contact sheet) runs in
 test_jobs_api.py, its faults in test_faults.py."""
 
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -52,17 +54,31 @@ def test_prompts_the_engine_rejects_become_error_rows(tmp_path, cluster):
     assert pa.compute.all(pa.compute.is_null(table.column("caption"))).as_py()
 
 
-def test_local_parquet_that_repeats_an_id_is_refused_before_captioning(tmp_path, cluster):
-    # Rows are written and resumed by id: a local Parquet input is checked before the run.
+@pytest.mark.parametrize("data_format", ["parquet", "tar"])
+def test_local_input_that_repeats_an_id_is_refused_before_captioning(tmp_path, cluster, data_format):
+    # Rows are written and resumed by id: local Parquet and shards are checked before the run.
     _, env = cluster
     image = bad_and_odd_images()["good"]["rgb.jpg"]
-    ids = ["a", "a", "b", None, None]
-    pq.write_table(pa.table({"id": ids, "image": [image] * len(ids)}), tmp_path / "in.parquet")
+    if data_format == "parquet":
+        ids = ["a", "a", "b", None, None]
+        pq.write_table(pa.table({"id": ids, "image": [image] * len(ids)}), tmp_path / "in.parquet")
+        expected = "2 input rows repeat an id of another row, in the id column 'id' (a null id is 'None'); "
+        expected += "such as 'a', 'None'."
+    else:
+        for shard in range(2):  # keys numbered from 0 in each shard
+            with tarfile.open(tmp_path / f"in-{shard}.tar", "w") as tar:
+                for key in ("000", "001"):
+                    info = tarfile.TarInfo(f"{key}.jpg")
+                    info.size = len(image)
+                    tar.addfile(info, io.BytesIO(image))
+        expected = (
+            "2 input rows repeat an id of another row, in the keys of another shard; such as '000', '001'."
+        )
     out = tmp_path / "captions"
-    args = ["--input", str(tmp_path / "in.parquet"), "--output", str(out), "--no-contact-sheet"]
+    args = ["--input", str(tmp_path / f"in*.{data_format}"), "--output", str(out), "--no-contact-sheet"]
     proc = subprocess.run([*JOB, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "2 rows of the input have the id of another row in column 'id' (such as 'a', 'None'" in proc.stderr
+    assert expected in proc.stderr and "Nothing was captioned." in proc.stderr
     assert not list(out.glob("*.parquet"))
 
 
