@@ -321,22 +321,18 @@ def read_images(
     columns = {"image_column": image_column, "id_column": id_column}
     local = os.path.expanduser(source)
     listing = listing or list_input(source)
-    if listing is not None:
-        if listing.format == "parquet":
-            return read_parquet_images(listing.files, **columns, **read_kwargs)
-        if listing.format == "tar":
-            return read_webdataset_images(listing.files, **read_kwargs)
+    if listing is not None and listing.format == "images":
         return read_image_folder(local, listing=listing, **read_kwargs)
+    data_format, files = local_data_files(source, listing)
+    if data_format == "parquet":
+        return read_parquet_images(files, **columns, **read_kwargs)
+    if data_format == "tar":
+        return read_webdataset_images(files, **read_kwargs)
     if "://" not in source and glob.has_magic(local) and not os.path.exists(local):
-        matches = sorted(glob.glob(local, recursive=True))
-        if not matches:
+        if not glob.glob(local, recursive=True):
             raise FileNotFoundError(f"no files match {source!r}")
-        if all(suffix(m) == "tar" for m in matches):
-            return read_webdataset_images(matches, **read_kwargs)
-        if all(suffix(m) == "parquet" for m in matches):
-            return read_parquet_images(matches, **columns, **read_kwargs)
         raise ValueError(f"{source!r} matches files that are neither all .tar nor all .parquet")
-    if suffix(source) == "tar":
+    if suffix(source) == "tar":  # remote, or a local path that isn't there: the reader says so
         return read_webdataset_images(source, **read_kwargs)
     if suffix(source) == "parquet":
         return read_parquet_images(source, **columns, **read_kwargs)
