@@ -246,18 +246,26 @@ def local_data_files(source: str, listing: FileListing | None = None) -> tuple[s
 def repeated_ids(paths: list[str], id_column: str) -> tuple[int, list[str]]:
     """Rows of these Parquet files whose id another row already has, and up to three such ids.
 
-    Reads only the id column. Ids compare as the rows will carry them: as strings, every null as
-    "None". (0, []) where a file lacks the column (the reader names that error itself) or its ids
-    don't convert to text (binary): the job's count after the run still catches repeats there."""
-    ids = []
+    Reads only the id column. Ids compare as the rows will carry them, `str(value)`: within one
+    column type Arrow's cast to text matches that (every null as "None"), and so across files of
+    text and integer ids. (0, []) where the ids can't be compared so, and the job's count after
+    the run catches repeats instead: a path that isn't a file (a folder a glob matched), a file
+    that can't be read or lacks the column (the reader names that error), other types that differ
+    between files (1 and 1.0 are "1" and "1.0" in the rows), binary ids that aren't UTF-8."""
+    ids, types = [], set()
     for path in paths:
-        if id_column not in pq.read_schema(path).names:
-            return 0, []
         try:
-            ids.append(pq.read_table(path, columns=[id_column]).column(id_column).cast(pa.string()))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # ids that aren't text or numbers
+            if id_column not in pq.read_schema(path).names:
+                return 0, []
+            column = pq.read_table(path, columns=[id_column]).column(id_column)
+            types.add(column.type)
+            ids.append(column.cast(pa.string()))
+        except (OSError, pa.ArrowException):
             return 0, []
-    if not ids:
+    textlike = all(
+        pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t) for t in types
+    )
+    if not ids or (len(types) > 1 and not textlike):
         return 0, []
     column = pa.chunked_array([c for chunked in ids for c in chunked.chunks], type=pa.string())
     counts = pc.value_counts(column.fill_null("None"))
@@ -274,11 +282,15 @@ SHARD_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 def repeated_shard_keys(paths: list[str]) -> tuple[int, list[str]]:
     """Samples of these WebDataset shards whose key another shard's sample already has, and up
     to three such keys. Reads only the members' headers (Ray's reader refuses a key repeated
-    within one shard itself)."""
+    within one shard itself). (0, []) where a path isn't a file (a folder a glob matched) or
+    isn't a readable tar: the reader names that error, and the count after the run applies."""
     shards_with = Counter()
     for path in paths:
-        with tarfile.open(path, "r:*") as tar:
-            keys = {m[1] for m in (SHARD_KEY.match(i.name) for i in tar if i.isreg()) if m}
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                keys = {m[1] for m in (SHARD_KEY.match(i.name) for i in tar if i.isreg()) if m}
+        except (OSError, tarfile.TarError):
+            return 0, []
         shards_with.update(keys)
     repeated = [key for key, n in shards_with.items() if n > 1]
     return sum(shards_with[key] - 1 for key in repeated), sorted(repeated)[:3]

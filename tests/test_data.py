@@ -184,6 +184,14 @@ def test_repeated_ids_of_local_parquet_are_counted_as_the_rows_will_carry_them(t
     assert repeated_ids(folder[1:], "id") == (1, ["1"])
     assert repeated_ids(folder[1:2], "id") == (0, [])
     assert repeated_ids(folder, "key") == (0, [])  # the reader names a missing column
+    # 1 and 1.0 are "1" and "1.0" in the rows: types that differ so are left to the count after
+    # the run, as are a folder a glob matched and a file that isn't Parquet.
+    pq.write_table(pa.table({"id": [1.0, 5.0]}), tmp_path / "floats.parquet")
+    assert repeated_ids([folder[1], str(tmp_path / "floats.parquet")], "id") == (0, [])
+    (tmp_path / "dir.parquet").mkdir()
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    assert repeated_ids([*folder, str(tmp_path / "dir.parquet")], "id") == (0, [])
+    assert repeated_ids([*folder, str(tmp_path / "empty.parquet")], "id") == (0, [])
 
 
 def test_shard_keys_repeated_across_shards_are_counted_from_the_headers(tmp_path):
@@ -204,6 +212,10 @@ def test_shard_keys_repeated_across_shards_are_counted_from_the_headers(tmp_path
     assert repeated_shard_keys(shards) == (4, ["000", "001", "sub/002"])
     assert repeated_shard_keys(shards[:1]) == (0, [])
     assert repeated_shard_keys(write_sample_shards(str(tmp_path / "samples"))) == (0, [])
+    (tmp_path / "dir.tar").mkdir()
+    (tmp_path / "junk.tar").write_bytes(b"not a tar" * 100)
+    for unreadable in ("dir.tar", "junk.tar"):  # left to the reader, which names the error
+        assert repeated_shard_keys([*shards, str(tmp_path / unreadable)]) == (0, [])
 
 
 def test_parquet_with_hf_style_image_structs(ray_local, tmp_path):
