@@ -255,9 +255,10 @@ def repeated_ids(paths: list[str], id_column: str) -> tuple[int, list[str]]:
     ids, types = [], set()
     for path in paths:
         try:
-            if id_column not in pq.read_schema(path).names:
-                return 0, []
-            column = pq.read_table(path, columns=[id_column]).column(id_column)
+            with pq.ParquetFile(path) as parquet:  # one open: the footer, then the id column alone
+                if id_column not in parquet.schema_arrow.names:
+                    return 0, []
+                column = parquet.read(columns=[id_column]).column(id_column)
             types.add(column.type)
             ids.append(column.cast(pa.string()))
         except (OSError, pa.ArrowException):

@@ -83,7 +83,7 @@ def test_local_input_that_repeats_an_id_is_refused_before_captioning(tmp_path, c
 
 
 def test_rows_that_share_an_id_are_counted_and_fail_the_job(tmp_path, cluster):
-    # Within --limit (and for shards) the rows are not checked before the run: the output keeps
+    # Within --limit (and for remote inputs) the rows are not checked before the run: the output keeps
     # one row per id, so rows with repeated ids, here a repeated key and two nulls, can't all be
     # kept, and the job must say so after the run and exit 1.
     _, env = cluster
